@@ -1,0 +1,1 @@
+"""Triton kernels, each beside its pure-PyTorch reference. Installed and imported as `k15.kernels`."""
