@@ -1,75 +1,132 @@
-"""Math answers: extract the final answer from a response and check it with math-verify.
+"""Math answers: extract the final answer from a response and check it against the gold answer.
 
-Model output is untrusted: `score` never raises on it; anything unparsable scores 0 with a reason.
+Plain numbers (the built-in arithmetic task) compare exactly in-process; everything else goes to
+math-verify in a worker process with a per-call timeout (k15.reward.math_worker). Model output is
+untrusted: nothing here raises on it; anything unparsable scores 0 with a reason.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import threading
+from decimal import Decimal, InvalidOperation
 
-_BOXED = "\\boxed{"
-_ANSWER_LINE = re.compile(r"(?:final answer|the answer is|answer)\s*[:=]?\s*(.+)", re.IGNORECASE)
-_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+from k15.reward.result import RewardResult
 
+__all__ = ["RewardResult", "extract_answer", "last_boxed", "score_math", "score_math_many",
+           "default_verifier", "MAX_ANSWER_CHARS"]
 
-@dataclass(frozen=True)
-class RewardResult:
-    reward: float
-    reason: str  # "correct", "wrong", "no_answer", "unparsable", "error: ..."
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_ANSWER_LINE = re.compile(
+    r"(?:final answer(?: is)?|the answer is|answer)\s*[:=]?\s*(.+)", re.IGNORECASE
+)
+_HASH_ANSWER = re.compile(r"^\s*####\s*(.+)$")
+_PLAIN_NUMBER = re.compile(r"[-+]?\d{1,200}(?:\.\d{1,200})?")
+MAX_ANSWER_CHARS = 1000  # longer "answers" are not sent to the symbolic checker
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, with nested braces balanced; None if there is none."""
-    start = text.rfind(_BOXED)
+    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces balanced; None if none."""
+    start, cmd = max((text.rfind(c + "{"), c) for c in _BOX_COMMANDS)
     if start < 0:
         return None
-    depth, i = 1, start + len(_BOXED)
+    depth, i = 1, start + len(cmd) + 1
     for j in range(i, len(text)):
-        if text[j] == "{":
+        ch = text[j]
+        if ch == "{":
             depth += 1
-        elif text[j] == "}":
+        elif ch == "}":
             depth -= 1
             if depth == 0:
                 return text[i:j]
     return None
 
 
+def _clean(answer: str) -> str:
+    answer = answer.strip()
+    for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if answer.startswith(left) and answer.endswith(right) and len(answer) >= len(left) + len(right):
+            answer = answer[len(left) : len(answer) - len(right)].strip()
+    return answer.rstrip(".").strip()
+
+
 def extract_answer(response: str) -> str | None:
-    """The final answer: the last \\boxed{} if any, else the last 'answer: ...' line."""
+    """The final answer: the last \\boxed{} if any, else the last 'answer: ...' or '#### ...' line."""
+    if not isinstance(response, str):
+        return None
     boxed = last_boxed(response)
     if boxed is not None:
-        return boxed.strip()
+        return _clean(boxed)
     for line in reversed(response.strip().splitlines()):
-        m = _ANSWER_LINE.search(line)
+        m = _HASH_ANSWER.match(line) or _ANSWER_LINE.search(line)
         if m:
-            return m.group(1).strip().rstrip(".")
+            return _clean(m.group(1))
     return None
 
 
-def _verify_with_math_verify(gold: str, answer: str) -> bool:
-    from math_verify import parse, verify
-
-    # math-verify's own timeouts use signal.alarm, which fails outside the main thread (Ray actors):
-    # switch them off here; the caller bounds the time.
-    gold_parsed = parse(f"${gold}$", parsing_timeout=None)
-    answer_parsed = parse(f"${answer}$", parsing_timeout=None)
-    if not gold_parsed or not answer_parsed:
-        return False
-    return bool(verify(gold_parsed, answer_parsed, timeout_seconds=None))
-
-
-def score_math(response: str, gold: str) -> RewardResult:
-    """1.0 if the response's final answer equals `gold`, else 0.0; never raises."""
+def _plain_equal(answer: str, gold: str) -> bool | None:
+    """Exact comparison of plain decimal numbers; None when either is not one."""
+    if not (_PLAIN_NUMBER.fullmatch(answer) and _PLAIN_NUMBER.fullmatch(gold)):
+        return None
     try:
-        answer = extract_answer(response)
-        if answer is None or not answer:
-            return RewardResult(0.0, "no_answer")
-        # Fast path: plain numbers compare exactly without the symbolic machinery.
-        if _PLAIN_NUMBER.fullmatch(answer) and _PLAIN_NUMBER.fullmatch(gold.strip()):
-            same = float(answer) == float(gold)
-            return RewardResult(1.0 if same else 0.0, "correct" if same else "wrong")
-        same = _verify_with_math_verify(gold, answer)
-        return RewardResult(1.0 if same else 0.0, "correct" if same else "wrong")
-    except Exception as e:  # untrusted input: report, never crash the run
-        return RewardResult(0.0, f"error: {type(e).__name__}")
+        return Decimal(answer) == Decimal(gold)
+    except InvalidOperation:
+        return None
+
+
+_default = None
+_default_lock = threading.Lock()
+
+
+def default_verifier():
+    """The process-wide math-verify worker (started on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            from k15.reward.math_worker import MathVerifier
+
+            _default = MathVerifier()
+        return _default
+
+
+def _prepare(response, gold) -> tuple[RewardResult | None, str, str]:
+    """Either a final result, or the (answer, gold) pair that needs the symbolic checker."""
+    if not isinstance(gold, str) or not gold.strip():
+        return RewardResult(0.0, "unparsable_gold"), "", ""
+    answer = extract_answer(response)
+    if not answer:
+        return RewardResult(0.0, "no_answer"), "", ""
+    gold = _clean(gold)
+    same = _plain_equal(answer, gold)
+    if same is not None:
+        return RewardResult(1.0 if same else 0.0, "correct" if same else "wrong"), "", ""
+    if len(answer) > MAX_ANSWER_CHARS:
+        return RewardResult(0.0, "unparsable_answer"), "", ""
+    return None, answer, gold
+
+
+def score_math_many(pairs, verifier=None) -> list[RewardResult]:
+    """Score [(response, gold), ...]; symbolic checks go to the worker in one pipelined batch."""
+    out: list[RewardResult | None] = []
+    todo: list[tuple[int, str, str]] = []
+    for i, (response, gold) in enumerate(pairs):
+        try:
+            done, answer, g = _prepare(response, gold)
+        except Exception as e:  # untrusted input: report, never crash the run
+            done, answer, g = RewardResult(0.0, f"error: {type(e).__name__}"), "", ""
+        out.append(done)
+        if done is None:
+            todo.append((i, g, answer))
+    if todo:
+        try:
+            checked = (verifier or default_verifier()).verify_many([(g, a) for _, g, a in todo])
+        except Exception as e:  # the worker cannot start: every pending answer gets the reason
+            checked = [(False, f"error: {type(e).__name__}: {e}")] * len(todo)
+        for (i, _, _), (same, why) in zip(todo, checked):
+            out[i] = RewardResult(1.0 if same else 0.0, why)
+    return out  # type: ignore[return-value]
+
+
+def score_math(response: str, gold: str, verifier=None) -> RewardResult:
+    """1.0 if the response's final answer equals `gold`, else 0.0 with the reason; never raises."""
+    return score_math_many([(response, gold)], verifier)[0]
