@@ -1,0 +1,646 @@
+"""Fused log-probs of sampled tokens from the last hidden states and the LM head, in Triton.
+
+    logp[i] = log softmax(hidden @ weight.T / temperature)[i, targets[i]]
+
+without ever holding the [N, V] logits. The pure-PyTorch specification is kernels/logprobs_ref.py.
+
+Forward (`_fwd_kernel`): one program per (block of BLOCK_M rows, split of the vocabulary). It streams
+the split's vocabulary tiles, computes each [BLOCK_M, BLOCK_N] logits tile with tl.dot (fp32
+accumulation) and folds it into an online log-sum-exp (base 2), the target logit and, optionally,
+sum p*z for the entropy. Per-split partials ([splits, N] floats) are combined on the host side. Cost:
+one GEMM of hidden @ weight.T and no memory beyond a few floats per row.
+
+Backward, exact (no gradient filtering). With c_i = dL/dlogp_i / T, the logits gradient is
+G = c * (onehot(t) - softmax). It is split as G = G' + c*(1-p_t)*onehot(t), where G' is G with the
+target entry zeroed. For a chunk of rows and a slice of the vocabulary at a time,
+`_grad_logits_kernel` recomputes the logits tile by tile and writes G' (in the input dtype) to a
+bounded scratch block; cuBLAS then does dHidden_chunk += G' @ W_slice (accumulated in fp32 across
+the vocabulary slices) and dWeight_slice += G'^T @ hidden_chunk. The target term, which carries
+most of the gradient's magnitude, is added in fp32 at the end (`_finalize_dh_kernel`,
+`_dw_target_kernel`), so it is never rounded to bf16 before the final store. Total cost: the
+recompute GEMM plus the two gradient GEMMs, with scratch of about `scratch_bytes` (default 512 MiB).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .logprobs_ref import IGNORE_INDEX, ignored_mask
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    rows_ptr,
+    m_ptr,
+    s_ptr,
+    e_ptr,
+    t_ptr,
+    n,
+    V,
+    K,
+    stride_hn,
+    stride_wv,
+    scale2,
+    tiles_per_split,
+    num_splits,
+    HAS_ROWS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid // num_splits
+    split = pid - pid_m * num_splits
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n
+    idx = tl.minimum(offs_m, n - 1)  # clamp instead of masking: no masks in the inner loop
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + idx).to(tl.int64)
+    else:
+        rows = idx.to(tl.int64)
+    tgt = tl.load(tgt_ptr + idx).to(tl.int32)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None] * stride_hn + offs_k[None, :]
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s_i = tl.zeros((BLOCK_M,), tl.float32)
+    e_i = tl.zeros((BLOCK_M,), tl.float32)
+    t_i = tl.zeros((BLOCK_M,), tl.float32)
+
+    num_v_tiles = tl.cdiv(V, BLOCK_N)
+    vt0 = split * tiles_per_split
+    vt1 = tl.minimum(vt0 + tiles_per_split, num_v_tiles)
+    for vt in range(vt0, vt1):
+        offs_n = vt * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_idx = tl.minimum(offs_n, V - 1).to(tl.int64)
+        b_ptrs = w_ptr + n_idx[None, :] * stride_wv + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs + k)
+                b = tl.load(b_ptrs + k)
+            else:
+                kmask = (offs_k + k) < K
+                a = tl.load(a_ptrs + k, mask=kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs + k, mask=kmask[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        col_ok = (offs_n < V)[None, :]
+        z = tl.where(col_ok, acc * scale2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        s_i = s_i * alpha + tl.sum(p, 1)
+        if ENTROPY:
+            e_i = e_i * alpha + tl.sum(p * tl.where(col_ok, z, 0.0), 1)
+        t_i += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z, 0.0), 1)
+        m_i = m_new
+
+    out = split * n + offs_m
+    tl.store(m_ptr + out, m_i, mask=m_mask)
+    tl.store(s_ptr + out, s_i, mask=m_mask)
+    tl.store(t_ptr + out, t_i, mask=m_mask)
+    if ENTROPY:
+        tl.store(e_ptr + out, e_i, mask=m_mask)
+
+
+@triton.jit
+def _grad_logits_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    lse2_ptr,
+    c_ptr,
+    g_ptr,
+    n,
+    Vs,
+    K,
+    stride_hn,
+    stride_wv,
+    stride_gn,
+    scale2,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """G'[i, j] = -c_i * softmax_ij for the chunk's rows and the slice's columns, 0 at the target."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(n, BLOCK_M)
+    num_pid_n = tl.cdiv(Vs, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_m, n - 1).to(tl.int64)
+    cols = tl.minimum(offs_n, Vs - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None] * stride_hn + offs_k[None, :]
+    b_ptrs = w_ptr + cols[None, :] * stride_wv + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs + k)
+            b = tl.load(b_ptrs + k)
+        else:
+            kmask = (offs_k + k) < K
+            a = tl.load(a_ptrs + k, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs + k, mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    lse2 = tl.load(lse2_ptr + rows)
+    c = tl.load(c_ptr + rows)
+    tgt = tl.load(tgt_ptr + rows)
+    p = tl.exp2(acc * scale2 - lse2[:, None])
+    g = -c[:, None] * p
+    g = tl.where(offs_n[None, :] == tgt[:, None], 0.0, g)
+    mask = (offs_m < n)[:, None] & (offs_n < Vs)[None, :]
+    g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gn + offs_n[None, :]
+    tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finalize_dh_kernel(
+    acc_ptr,
+    w_ptr,
+    tgt_ptr,
+    coef_ptr,
+    rows_ptr,
+    dh_ptr,
+    K,
+    stride_acc,
+    stride_wv,
+    stride_dh,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dh[row] = acc[i] + coef_i * w[t_i], rounded once to dh's dtype."""
+    i = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    t = tl.load(tgt_ptr + i).to(tl.int64)
+    coef = tl.load(coef_ptr + i)
+    a = tl.load(acc_ptr + i.to(tl.int64) * stride_acc + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + t * stride_wv + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + i).to(tl.int64)
+    else:
+        row = i.to(tl.int64)
+    tl.store(dh_ptr + row * stride_dh + offs, (a + coef * w).to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dw_target_kernel(
+    dw_ptr,
+    h_ptr,
+    perm_ptr,
+    coef_ptr,
+    run_start_ptr,
+    run_end_ptr,
+    run_tgt_ptr,
+    K,
+    stride_dw,
+    stride_hn,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dw[v] += sum over tokens i with target v of coef_i * h[i], summed in fp32, rounded once.
+
+    Tokens come sorted by target; one program per (run of equal targets, block of columns).
+    """
+    r = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs < K
+    start = tl.load(run_start_ptr + r)
+    end = tl.load(run_end_ptr + r)
+    v = tl.load(run_tgt_ptr + r).to(tl.int64)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+    for j0 in range(start, end, BLOCK_R):
+        offs_r = j0 + tl.arange(0, BLOCK_R)
+        rmask = offs_r < end
+        tok = tl.load(perm_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
+        coef = tl.load(coef_ptr + offs_r, mask=rmask, other=0.0)
+        h = tl.load(h_ptr + tok[:, None] * stride_hn + offs[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc += coef[:, None] * h.to(tl.float32)
+    total = tl.sum(acc, 0)
+    cur = tl.load(dw_ptr + v * stride_dw + offs, mask=kmask, other=0.0).to(tl.float32)
+    tl.store(dw_ptr + v * stride_dw + offs, (cur + total).to(dw_ptr.dtype.element_ty), mask=kmask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------------
+
+
+class Config:
+    """Tile shapes and chunking. The defaults are chosen per device in `_default_config`."""
+
+    def __init__(
+        self,
+        fwd=(128, 256, 64, 8, 3),  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        bwd=(128, 256, 64, 8, 3),
+        group_m=8,
+        splits=None,  # vocabulary splits of the forward; None: chosen from the grid size
+        chunk_rows=16384,  # rows per backward chunk
+        scratch_bytes=512 << 20,  # budget for G' blocks and the fp32 dHidden chunk accumulator
+    ):
+        self.fwd = fwd
+        self.bwd = bwd
+        self.group_m = group_m
+        self.splits = splits
+        self.chunk_rows = chunk_rows
+        self.scratch_bytes = scratch_bytes
+
+
+_INTERP_CONFIG = dict(fwd=(32, 64, 32, 4, 1), bwd=(32, 64, 32, 4, 1), group_m=4)
+
+
+def _default_config(device: torch.device) -> Config:
+    if _interpret() or device.type != "cuda":
+        return Config(**_INTERP_CONFIG)
+    return Config()
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: 3xTF32 is accurate to fp32 level; plain "tf32" would not be exact.
+    return "tf32x3" if dtype == torch.float32 else "ieee"
+
+
+def _check_inputs(hidden, weight, targets):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N,H] and [V,H]")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [N] for hidden {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"unsupported dtype {hidden.dtype}")
+    if hidden.device != weight.device or hidden.device != targets.device:
+        raise ValueError("hidden, weight and targets must be on the same device")
+
+
+def _contig_rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+
+def _valid_rows(targets: torch.Tensor, ignore_index: int):
+    """(rows or None, compact targets int32). rows is None when every position is valid."""
+    ign = ignored_mask(targets, ignore_index)
+    if not bool(ign.any()):
+        return None, targets.to(torch.int32)
+    rows = (~ign).nonzero().squeeze(1)
+    return rows, targets[rows].to(torch.int32)
+
+
+def _forward(hidden, weight, tgt_c, rows, temperature, entropy, cfg: Config):
+    """Run the forward kernel over the valid rows. Returns (lse2, t2, e_over_s or None), all [n] fp32,
+    in base-2 units (lse2 = lse / ln 2, t2 = target logit / ln 2)."""
+    n = tgt_c.numel()
+    V, K = weight.shape
+    dev = hidden.device
+    if n == 0:
+        z = torch.zeros(0, device=dev, dtype=torch.float32)
+        return z, z, (z if entropy else None)
+    BM, BN, BK, warps, stages = cfg.fwd
+    n_blocks = triton.cdiv(n, BM)
+    v_tiles = triton.cdiv(V, BN)
+    if cfg.splits is not None:
+        splits = max(1, min(cfg.splits, v_tiles))
+    else:
+        sms = _num_sms(dev)
+        splits = max(1, round(math.sqrt(sms)))
+        # small batches: more splits so the grid still fills the machine a few times over
+        while n_blocks * splits < 4 * sms and splits < v_tiles:
+            splits *= 2
+        splits = min(splits, v_tiles)
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)
+    part = torch.empty((4 if entropy else 3, splits, n), device=dev, dtype=torch.float32)
+    m_p, s_p, t_p = part[0], part[1], part[2]
+    e_p = part[3] if entropy else part[0]
+    _fwd_kernel[(n_blocks * splits,)](
+        hidden,
+        weight,
+        tgt_c,
+        rows if rows is not None else tgt_c,
+        m_p,
+        s_p,
+        e_p,
+        t_p,
+        n,
+        V,
+        K,
+        hidden.stride(0),
+        weight.stride(0),
+        LOG2E / temperature,
+        tiles_per_split,
+        splits,
+        HAS_ROWS=rows is not None,
+        ENTROPY=entropy,
+        UPCAST=_interpret() and hidden.dtype != torch.float32,
+        PRECISION=_precision(hidden.dtype),
+        EVEN_K=K % BK == 0,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_K=BK,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    m = m_p.max(0).values
+    wts = torch.exp2(m_p - m)
+    s = (s_p * wts).sum(0)
+    lse2 = m + torch.log2(s)
+    t2 = t_p.sum(0)
+    e = (e_p * wts).sum(0) / s if entropy else None
+    return lse2, t2, e
+
+
+def _scatter(values: torch.Tensor, rows, N: int) -> torch.Tensor:
+    if rows is None:
+        return values
+    out = torch.zeros(N, device=values.device, dtype=values.dtype)
+    out[rows] = values
+    return out
+
+
+def logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    return_entropy: bool = False,
+    config: Config | None = None,
+):
+    """Forward only (no autograd, nothing saved): logp [N] fp32 (and entropy [N] fp32)."""
+    _check_inputs(hidden, weight, targets)
+    cfg = config or _default_config(hidden.device)
+    hidden, weight = _contig_rows(hidden), _contig_rows(weight)
+    rows, tgt_c = _valid_rows(targets, ignore_index)
+    lse2, t2, e2 = _forward(hidden, weight, tgt_c, rows, temperature, return_entropy, cfg)
+    logp = _scatter((t2 - lse2) * LN2, rows, targets.numel())
+    if not return_entropy:
+        return logp
+    ent = _scatter((lse2 - e2) * LN2, rows, targets.numel())
+    return logp, ent
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+_HAS_ADDMM_OUT_DTYPE = None
+
+
+def _addmm_fp32_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for a, b in bf16/fp16/fp32, accumulated in fp32."""
+    global _HAS_ADDMM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _HAS_ADDMM_OUT_DTYPE is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _HAS_ADDMM_OUT_DTYPE = True
+            return
+        except (TypeError, RuntimeError):
+            _HAS_ADDMM_OUT_DTYPE = False
+    if acc.is_cuda:
+        acc.add_(torch.mm(a, b))  # product rounded once to a's dtype: still close, slower
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, need_dh, need_dw, cfg: Config):
+    N, K = hidden.shape
+    V = weight.shape[0]
+    n = tgt_c.numel()
+    dev, dtype = hidden.device, hidden.dtype
+    dh = None
+    dw = None
+    if need_dh:
+        dh = torch.zeros_like(hidden) if (rows is not None or n == 0) else torch.empty_like(hidden)
+    if need_dw:
+        dw = torch.zeros_like(weight) if n == 0 else torch.empty_like(weight)
+    if n == 0:
+        return dh, dw
+
+    c = grad_logp_c.float() / temperature  # dL/dz_i = c_i * (onehot - p)
+    # the target term c_i * (1 - p_t), computed from the forward's exact target logit
+    coef_t = -c * torch.expm1((t2 - lse2) * LN2)
+    scale2 = LOG2E / temperature
+
+    BM, BN, BK, warps, stages = cfg.bwd
+    elt = hidden.element_size()
+    chunk = max(1, min(n, cfg.chunk_rows))
+    acc_bytes = chunk * K * 4 if need_dh else 0
+    gath_bytes = chunk * K * elt if rows is not None else 0
+    g_budget = max(cfg.scratch_bytes - acc_bytes - gath_bytes, 1 << 20)
+    vs = g_budget // (chunk * elt)
+    vs = max(BN, (vs // BN) * BN)
+    vs = min(vs, triton.cdiv(V, BN) * BN)
+    ld = vs  # multiple of BN: aligned rows for cuBLAS
+    g_buf = torch.empty(chunk * ld, device=dev, dtype=dtype)
+    acc_buf = torch.empty((chunk, K), device=dev, dtype=torch.float32) if need_dh else None
+    gath_buf = torch.empty((chunk, K), device=dev, dtype=dtype) if rows is not None else None
+    upcast = _interpret() and dtype != torch.float32
+
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        nc = r1 - r0
+        if rows is None:
+            h_c = hidden[r0:r1]
+        else:
+            h_c = gath_buf[:nc]
+            torch.index_select(hidden, 0, rows[r0:r1], out=h_c)
+        if need_dh:
+            acc = acc_buf[:nc]
+            acc.zero_()
+        for v0 in range(0, V, vs):
+            v1 = min(V, v0 + vs)
+            vw = v1 - v0
+            g = g_buf[: nc * ld].view(nc, ld)[:, :vw]
+            grid = (triton.cdiv(nc, BM) * triton.cdiv(vw, BN),)
+            _grad_logits_kernel[grid](
+                h_c,
+                weight[v0:v1],
+                (tgt_c[r0:r1] - v0),
+                lse2[r0:r1],
+                c[r0:r1],
+                g,
+                nc,
+                vw,
+                K,
+                h_c.stride(0),
+                weight.stride(0),
+                g.stride(0),
+                scale2,
+                UPCAST=upcast,
+                PRECISION=_precision(dtype),
+                EVEN_K=K % BK == 0,
+                BLOCK_M=BM,
+                BLOCK_N=BN,
+                BLOCK_K=BK,
+                GROUP_M=cfg.group_m,
+                num_warps=warps,
+                num_stages=stages,
+            )
+            if need_dh:
+                _addmm_fp32_acc(acc, g, weight[v0:v1])
+            if need_dw:
+                dw_s = dw[v0:v1]
+                if r0 == 0:
+                    torch.mm(g.t(), h_c, out=dw_s)
+                else:
+                    torch.addmm(dw_s, g.t(), h_c, out=dw_s)
+        if need_dh:
+            bk = min(1024, triton.next_power_of_2(K))
+            _finalize_dh_kernel[(nc, triton.cdiv(K, bk))](
+                acc,
+                weight,
+                tgt_c[r0:r1],
+                coef_t[r0:r1],
+                rows[r0:r1] if rows is not None else tgt_c,
+                dh,
+                K,
+                acc.stride(0),
+                weight.stride(0),
+                dh.stride(0),
+                HAS_ROWS=rows is not None,
+                BLOCK_K=bk,
+            )
+    if need_dw:
+        _dw_add_target(dw, hidden, tgt_c, rows, coef_t)
+    return dh, dw
+
+
+def _dw_add_target(dw, hidden, tgt_c, rows, coef_t):
+    """dw[v] += sum_{i: t_i = v} coef_t[i] * hidden[row_i], in fp32 per row, one rounding."""
+    K = hidden.shape[1]
+    t_sorted, order = torch.sort(tgt_c.long(), stable=True)
+    tok = order if rows is None else rows[order]
+    coef_sorted = coef_t[order].contiguous()
+    n = t_sorted.numel()
+    is_start = torch.ones(n, dtype=torch.bool, device=dw.device)
+    is_start[1:] = t_sorted[1:] != t_sorted[:-1]
+    starts = is_start.nonzero().squeeze(1)
+    ends = torch.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1] = n
+    run_tgt = t_sorted[starts]
+    bk = min(1024, triton.next_power_of_2(K))
+    _dw_target_kernel[(starts.numel(), triton.cdiv(K, bk))](
+        dw,
+        hidden,
+        tok.contiguous(),
+        coef_sorted,
+        starts,
+        ends,
+        run_tgt,
+        K,
+        dw.stride(0),
+        hidden.stride(0),
+        BLOCK_R=4,
+        BLOCK_K=bk,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------------
+
+
+class FusedLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, return_entropy, config):
+        _check_inputs(hidden, weight, targets)
+        cfg = config or _default_config(hidden.device)
+        hidden, weight = _contig_rows(hidden), _contig_rows(weight)
+        rows, tgt_c = _valid_rows(targets, ignore_index)
+        lse2, t2, e2 = _forward(hidden, weight, tgt_c, rows, temperature, return_entropy, cfg)
+        N = targets.numel()
+        logp = _scatter((t2 - lse2) * LN2, rows, N)
+        ent = _scatter((lse2 - e2) * LN2, rows, N) if return_entropy else None
+        ctx.save_for_backward(hidden, weight, tgt_c, rows, lse2, t2)
+        ctx.temperature = temperature
+        ctx.cfg = cfg
+        if ent is None:
+            return logp
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_):
+        hidden, weight, tgt_c, rows, lse2, t2 = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_logp is None or not (need_dh or need_dw):
+            return (None,) * 7
+        g = grad_logp if rows is None else grad_logp[rows]
+        dh, dw = _backward(
+            hidden, weight, tgt_c, rows, lse2, t2, g.contiguous(), ctx.temperature, need_dh, need_dw, ctx.cfg
+        )
+        return dh, dw, None, None, None, None, None
+
+
+def fused_logprobs_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    return_entropy: bool = False,
+    config: Config | None = None,
+):
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return logprobs_forward(hidden, weight, targets, temperature, ignore_index, return_entropy, config)
+    return FusedLogprobsFunction.apply(hidden, weight, targets, temperature, ignore_index, return_entropy, config)
