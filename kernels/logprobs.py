@@ -206,6 +206,7 @@ def _finalize_dh_kernel(
     coef_ptr,
     rows_ptr,
     dh_ptr,
+    row0,
     K,
     stride_acc,
     stride_wv,
@@ -213,7 +214,7 @@ def _finalize_dh_kernel(
     HAS_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """dh[row] = acc[i] + coef_i * w[t_i], rounded once to dh's dtype."""
+    """dh[row] = acc[i] + coef_i * w[t_i], rounded once to dh's dtype (row = rows[i] or row0 + i)."""
     i = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = offs < K
@@ -224,7 +225,7 @@ def _finalize_dh_kernel(
     if HAS_ROWS:
         row = tl.load(rows_ptr + i).to(tl.int64)
     else:
-        row = i.to(tl.int64)
+        row = row0 + i.to(tl.int64)
     tl.store(dh_ptr + row * stride_dh + offs, (a + coef * w).to(dh_ptr.dtype.element_ty), mask=mask)
 
 
@@ -552,6 +553,7 @@ def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, n
                 coef_t[r0:r1],
                 rows[r0:r1] if rows is not None else tgt_c,
                 dh,
+                r0,
                 K,
                 acc.stride(0),
                 weight.stride(0),

@@ -112,12 +112,14 @@ def test_logprobs_ragged_vocab_ignored(dtype):
     check_logprobs(N=70, V=300, H=80, dtype=dtype, temperature=0.7)
 
 
-def test_logprobs_chunked_backward():
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.3])
+def test_logprobs_chunked_backward(ignore_frac):
     # tiny chunks and scratch: several row chunks (dWeight accumulated across them), several
-    # vocabulary slices (dHidden accumulated across them), a ragged last slice, ignored rows gathered
+    # vocabulary slices (dHidden accumulated across them), a ragged last slice; with ignored rows
+    # the valid rows are gathered chunk by chunk, without them the chunks are views
     elt = 4
     cfg = small_config(chunk_rows=24, scratch_bytes=24 * 64 * elt + 24 * 48 * 4 + 24 * 48 * elt)
-    check_logprobs(N=61, V=200, H=48, dtype=torch.float32, temperature=1.3, config=cfg, ignore_frac=0.3)
+    check_logprobs(N=61, V=200, H=48, dtype=torch.float32, temperature=1.3, config=cfg, ignore_frac=ignore_frac)
 
 
 def test_logprobs_repeated_targets_no_ignored():
