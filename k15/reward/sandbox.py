@@ -103,6 +103,7 @@ class SandboxConfig:
     seccomp: bool = True
     prestart: int = 2  # containers kept started ahead of demand
     tmpfs_mb: int = 64  # the container's writable /tmp, shared by its tests
+    wait_exit: bool = False  # run() returns only once its container is gone (else reaped behind)
     limits: Limits = field(default_factory=Limits)
 
 
@@ -228,11 +229,29 @@ class _Container:
         return out[-limit:].decode("utf-8", "replace")
 
     def kill(self) -> None:
+        """Kill the container: SIGKILL its init (the loader) first, so that by the time bwrap has
+        exited the kernel has torn the whole PID namespace down; then bwrap itself if need be."""
         if self.proc.poll() is None:
+            pid = self.proc.pid
             try:
-                self.proc.send_signal(signal.SIGKILL)
-            except ProcessLookupError:
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    inits = [int(x) for x in f.read().split()]
+            except (OSError, ValueError):
+                inits = []
+            for child in inits:
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.proc.wait(timeout=5.0 if inits else 0)
+            except subprocess.TimeoutExpired:
                 pass
+            if self.proc.poll() is None:
+                try:
+                    self.proc.send_signal(signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
@@ -396,19 +415,21 @@ class Sandbox:
 
     # -- running --------------------------------------------------------------------------------
     def run(self, code: str, tests: list[dict], style: str = "stdio", fn_name: str | None = None,
-            limits: Limits | None = None, judge=None, wait_exit: bool = False) -> SandboxRun:
+            limits: Limits | None = None, judge=None, wait_exit: bool | None = None) -> SandboxRun:
         """Run `code` on each test in one fresh container.
 
         tests: [{"input": str}] for style "stdio"; [{"args": [...], "kwargs": {...}}] for "call".
         judge(index, TestRun) -> bool: return False to stop after that test (all-or-nothing scoring
-        stops at the first failure). wait_exit: return only once the container has exited (else
-        the reaper thread collects it). Raises SandboxError only when the machinery fails.
+        stops at the first failure). wait_exit: return only once the container has exited (None:
+        config.wait_exit; else the reaper thread collects it). Raises SandboxError only when the
+        machinery fails.
         """
         if style not in ("stdio", "call"):
             raise ValueError(f"sandbox 'style' must be 'stdio' or 'call', got {style!r}")
         if style == "call" and not fn_name:
             raise ValueError("sandbox 'fn_name' is required for style 'call'")
         limits = limits or self.config.limits
+        wait_exit = self.config.wait_exit if wait_exit is None else wait_exit
         if not isinstance(code, str):
             raise TypeError(f"sandbox 'code' must be a str, got {type(code).__name__}")
         wire = limits.to_wire()
@@ -506,6 +527,7 @@ def _bwrap_argv(bwrap: str, python: str, extra_ro: list[str], tmpfs_mb: int) -> 
     """bwrap options before `--seccomp FD` and the command after it."""
     head = [
         bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+        "--as-pid-1",  # no bwrap init inside holding our pipes: the loader is init
         "--uid", "1000", "--gid", "1000", "--hostname", "sandbox",
         "--ro-bind", "/usr", "/usr",
     ]
@@ -517,7 +539,7 @@ def _bwrap_argv(bwrap: str, python: str, extra_ro: list[str], tmpfs_mb: int) -> 
     for path in extra_ro:
         head += ["--ro-bind", path, path]
     head += [
-        "--proc", "/proc", "--dev", "/dev",
+        "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",  # its tmpfs has no size limit
         "--size", str(int(tmpfs_mb * 2**20)), "--tmpfs", "/tmp",
         "--remount-ro", "/",
         "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",

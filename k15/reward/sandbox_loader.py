@@ -12,11 +12,13 @@ Protocol (both directions: 4-byte big-endian length, then UTF-8 JSON):
                    "stderr", "result"}                                            per test
 Status: "exited" (look at exit_code), "signaled", "wall_timeout", "setup_error".
 
+The loader is PID 1 of the container's PID namespace (`bwrap --as-pid-1`), so there is no other
+process holding the host pipes, and signals from inside (kill(-1), SIGKILL to pid 1) cannot reach
+it. It makes itself non-dumpable so programs cannot open its pipes through /proc/1/fd.
 Each test runs in a forked child in its own session with fresh rlimits (CPU seconds, address
 space, processes, file size, open files, no core dumps) and its own working directory; when it is
-over, the loader sends SIGKILL to every other process of the container (`kill(-1)` inside the PID
-namespace), so nothing a test leaves behind survives into the next one. The loader makes itself
-non-dumpable so programs cannot open its pipes through /proc. Expected outputs never enter the
+over, the loader SIGKILLs every other process of the container (`kill(-1)`) and reaps them, so
+nothing a test leaves behind survives into the next one. Expected outputs never enter the
 container: the host compares.
 """
 
@@ -196,11 +198,17 @@ def _wait(pid, wall_s):
             time.sleep(0.002)
     _kill_all()
     _, status, usage = os.wait4(pid, 0)
+    while True:  # as PID 1 we inherit every orphan: reap them all (they were all just killed)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
     return timed_out, status, usage
 
 
 def _kill_all():
-    """SIGKILL every process of this container but init and ourselves (stray daemons included)."""
+    """SIGKILL every other process of the container (stray daemons included); we are init, so
+    kill(-1) reaches all of them and not us. A process with SIGKILL pending cannot fork."""
     for _ in range(2):
         try:
             os.kill(-1, signal.SIGKILL)
@@ -262,8 +270,8 @@ def _run_test(job, test, idx):
 
 
 def main():
-    if os.getpid() > 2:  # kill(-1) below must only ever reach this container's PID namespace
-        sys.exit("k15 sandbox loader: refusing to run outside a fresh PID namespace")
+    if os.getpid() != 1:  # kill(-1) below must only ever reach this container's PID namespace
+        sys.exit("k15 sandbox loader: refusing to run other than as PID 1 of a fresh PID namespace")
     _no_dump()
     os.makedirs(STATE_DIR, 0o700, exist_ok=True)
     _send("READY")
