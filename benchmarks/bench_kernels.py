@@ -298,27 +298,31 @@ def bench_size(names, N, H, V, dtype, scale, reps, log):
 # --------------------------------------------------------------------------------------------------
 
 FWD_CFGS = [
+    (256, 128, 64, 8, 3),
+    (256, 128, 64, 8, 4),
     (128, 256, 64, 8, 3),
     (128, 256, 64, 8, 4),
-    (128, 128, 64, 4, 4),
-    (128, 128, 64, 8, 4),
-    (256, 128, 64, 8, 3),
-    (128, 256, 128, 8, 2),
-    (64, 256, 64, 4, 4),
+    (256, 128, 128, 8, 2),
 ]
 BWD_CFGS = [
     (128, 256, 64, 8, 3),
     (128, 256, 64, 8, 4),
-    (128, 128, 64, 4, 4),
     (256, 128, 64, 8, 3),
-    (128, 256, 128, 8, 2),
+    (256, 128, 64, 8, 4),
 ]
 
 
 def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_list=(None,)):
     import triton
 
-    from k15.kernels.logprobs import LOG2E, Config, _grad_logits_kernel, logprobs_forward
+    from k15.kernels.logprobs import (
+        LOG2E,
+        Config,
+        _grad_logits_kernel,
+        _grad_logits_persistent_kernel,
+        _num_sms,
+        logprobs_forward,
+    )
 
     out = dict(N=N)
     h, w, t, g = make_inputs(N, H, V, dtype, seed=7, scale=scale)
@@ -330,8 +334,10 @@ def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_
     log(f"[tune] N={N} cuBLAS {gemm_ms:.2f} ms {flops / gemm_ms / 1e9:.0f} TFLOP/s")
     out["gemm_ms"] = gemm_ms
     out["fwd"] = []
-    for cfg in fwd_cfgs or FWD_CFGS:
-        for sp in splits_list:
+    todo = [(cfg, None) for cfg in (fwd_cfgs or FWD_CFGS)]
+    todo += [((fwd_cfgs or FWD_CFGS)[0], sp) for sp in splits_list if sp is not None]
+    for cfg, sp in todo:
+        if True:
             try:
                 c = Config(fwd=cfg, splits=sp)
                 ms = cuda_time(lambda: logprobs_forward(h, w, t, config=c), reps=reps)
@@ -350,19 +356,24 @@ def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_
     bflops = 2.0 * nc * vs * H
     out["bwd"] = []
     for cfg in bwd_cfgs or BWD_CFGS:
-        for gm in (8, 16):
+        for gm, pers in ((16, False), (8, True), (16, True)):
             BM, BN, BK, wp, st = cfg
-            grid = (triton.cdiv(nc, BM) * triton.cdiv(vs, BN),)
+            tiles = triton.cdiv(nc, BM) * triton.cdiv(vs, BN)
+            args = (hc, ws, tg, lse2, cc, G, nc, vs, H, hc.stride(0), ws.stride(0), G.stride(0), LOG2E)
+            meta = dict(UPCAST=False, PRECISION="ieee", EVEN_K=H % BK == 0, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                        GROUP_M=gm, num_warps=wp, num_stages=st)
+            progs = min(tiles, _num_sms(h.device))
 
             def run():
-                _grad_logits_kernel[grid](hc, ws, tg, lse2, cc, G, nc, vs, H, hc.stride(0), ws.stride(0), G.stride(0),
-                                          LOG2E, UPCAST=False, PRECISION="ieee", EVEN_K=H % BK == 0, BLOCK_M=BM,
-                                          BLOCK_N=BN, BLOCK_K=BK, GROUP_M=gm, num_warps=wp, num_stages=st)
+                if pers:
+                    _grad_logits_persistent_kernel[(progs,)](*args, progs, **meta)
+                else:
+                    _grad_logits_kernel[(tiles,)](*args, **meta)
             try:
                 ms = cuda_time(run, reps=max(reps, 5))
-                r = dict(cfg=cfg, group_m=gm, ms=ms, tflops=bflops / ms / 1e9)
+                r = dict(cfg=cfg, group_m=gm, persistent=pers, ms=ms, tflops=bflops / ms / 1e9)
             except Exception as e:  # noqa: BLE001
-                r = dict(cfg=cfg, group_m=gm, error=f"{type(e).__name__}: {e}"[:200])
+                r = dict(cfg=cfg, group_m=gm, persistent=pers, error=f"{type(e).__name__}: {e}"[:200])
             out["bwd"].append(r)
             log(f"[tune] grad-logits block {nc}x{vs}: {json.dumps(r)}")
     L = torch.empty(nc, vs, device=DEVICE, dtype=dtype)
@@ -459,7 +470,8 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             log(f"{mod} unavailable: {e}")
     if args.tune:
-        tuned = [tune(int(n), args.H, args.V, dtype, args.scale, args.reps, log) for n in args.tune.split(",")]
+        tuned = [tune(int(n), args.H, args.V, dtype, args.scale, args.reps, log, splits_list=(None, 4, 24))
+                 for n in args.tune.split(",")]
         with open(os.path.join(args.out, "tune.json"), "w") as f:
             json.dump(tuned, f, indent=1)
         if args.tune_only:

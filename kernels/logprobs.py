@@ -49,12 +49,10 @@ def _interpret() -> bool:
 def _fwd_kernel(
     h_ptr,
     w_ptr,
-    tgt_ptr,
     rows_ptr,
     m_ptr,
     s_ptr,
     e_ptr,
-    t_ptr,
     n,
     V,
     K,
@@ -72,6 +70,9 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Per (row block, vocabulary split): online max / sum of 2^(z*scale2) / sum of p*z over the
+    split's tiles. One flattened loop over (tile, k) so that loads of the next tile overlap the
+    current tile's softmax epilogue."""
     pid = tl.program_id(0)
     pid_m = pid // num_splits
     split = pid - pid_m * num_splits
@@ -83,53 +84,89 @@ def _fwd_kernel(
         rows = tl.load(rows_ptr + idx).to(tl.int64)
     else:
         rows = idx.to(tl.int64)
-    tgt = tl.load(tgt_ptr + idx).to(tl.int32)
-
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None] * stride_hn + offs_k[None, :]
+    offs_nb = tl.arange(0, BLOCK_N)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # running max of the raw logits (acc units)
     s_i = tl.zeros((BLOCK_M,), tl.float32)
     e_i = tl.zeros((BLOCK_M,), tl.float32)
-    t_i = tl.zeros((BLOCK_M,), tl.float32)
 
     num_v_tiles = tl.cdiv(V, BLOCK_N)
     vt0 = split * tiles_per_split
     vt1 = tl.minimum(vt0 + tiles_per_split, num_v_tiles)
-    for vt in range(vt0, vt1):
-        offs_n = vt * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_idx = tl.minimum(offs_n, V - 1).to(tl.int64)
-        b_ptrs = w_ptr + n_idx[None, :] * stride_wv + offs_k[:, None]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs + k)
-                b = tl.load(b_ptrs + k)
-            else:
-                kmask = (offs_k + k) < K
-                a = tl.load(a_ptrs + k, mask=kmask[None, :], other=0.0)
-                b = tl.load(b_ptrs + k, mask=kmask[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        col_ok = (offs_n < V)[None, :]
-        z = tl.where(col_ok, acc * scale2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(z - m_new[:, None])
-        s_i = s_i * alpha + tl.sum(p, 1)
-        if ENTROPY:
-            e_i = e_i * alpha + tl.sum(p * tl.where(col_ok, z, 0.0), 1)
-        t_i += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z, 0.0), 1)
-        m_i = m_new
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    total = (vt1 - vt0) * k_tiles
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for it in range(0, total):
+        vt = vt0 + it // k_tiles
+        ki = it % k_tiles
+        k = ki * BLOCK_K
+        n_idx = tl.minimum(vt * BLOCK_N + offs_nb, V - 1).to(tl.int64)
+        b_ptrs = w_ptr + n_idx[None, :] * stride_wv + (k + offs_k)[:, None]
+        if EVEN_K:
+            a = tl.load(a_ptrs + k)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = (offs_k + k) < K
+            a = tl.load(a_ptrs + k, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if ki == k_tiles - 1:
+            if (vt + 1) * BLOCK_N > V:  # ragged last tile: columns past V drop out
+                acc = tl.where(((vt * BLOCK_N + offs_nb) < V)[None, :], acc, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(acc, 1))
+            alpha = tl.exp2((m_i - m_new) * scale2)
+            p = tl.exp2(acc * scale2 - (m_new * scale2)[:, None])
+            s_i = s_i * alpha + tl.sum(p, 1)
+            if ENTROPY:
+                e_i = e_i * alpha + tl.sum(p * acc, 1)
+            m_i = m_new
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
 
     out = split * n + offs_m
-    tl.store(m_ptr + out, m_i, mask=m_mask)
+    tl.store(m_ptr + out, m_i * scale2, mask=m_mask)
     tl.store(s_ptr + out, s_i, mask=m_mask)
-    tl.store(t_ptr + out, t_i, mask=m_mask)
     if ENTROPY:
-        tl.store(e_ptr + out, e_i, mask=m_mask)
+        tl.store(e_ptr + out, e_i * scale2, mask=m_mask)
+
+
+@triton.jit
+def _target_logit_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    rows_ptr,
+    out_ptr,
+    n,
+    K,
+    stride_hn,
+    stride_wv,
+    scale2,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[i] = scale2 * <h[row_i], w[t_i]> in fp32 (the target logit, base-2 units)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n
+    idx = tl.minimum(offs_m, n - 1)
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + idx).to(tl.int64)
+    else:
+        rows = idx.to(tl.int64)
+    t = tl.load(tgt_ptr + idx).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    for k in range(0, K, BLOCK_K):
+        kmask = (offs_k + k) < K
+        a = tl.load(h_ptr + rows[:, None] * stride_hn + (k + offs_k)[None, :], mask=kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + t[:, None] * stride_wv + (k + offs_k)[None, :], mask=kmask[None, :], other=0.0)
+        acc += a.to(tl.float32) * b.to(tl.float32)
+    tl.store(out_ptr + offs_m, tl.sum(acc, 1) * scale2, mask=m_mask)
 
 
 @triton.jit
@@ -196,6 +233,90 @@ def _grad_logits_kernel(
     mask = (offs_m < n)[:, None] & (offs_n < Vs)[None, :]
     g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gn + offs_n[None, :]
     tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_logits_persistent_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    lse2_ptr,
+    c_ptr,
+    g_ptr,
+    n,
+    Vs,
+    K,
+    stride_hn,
+    stride_wv,
+    stride_gn,
+    scale2,
+    NUM_PROGS,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Same as _grad_logits_kernel, persistent: NUM_PROGS programs walk the tiles in one flattened
+    (tile, k) loop, so the next tile's loads overlap this tile's epilogue and store."""
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(n, BLOCK_M)
+    num_pid_n = tl.cdiv(Vs, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    num_pid_in_group = GROUP_M * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    my_tiles = tl.cdiv(num_tiles - start, NUM_PROGS)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_nb = tl.arange(0, BLOCK_N)
+
+    tile_id = start - NUM_PROGS
+    ki = -1
+    offs_m = offs_mb
+    offs_n = offs_nb
+    rows = tl.minimum(offs_m, n - 1).to(tl.int64)
+    cols = tl.minimum(offs_n, Vs - 1).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for _ in range(0, k_tiles * my_tiles):
+        ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
+        if ki == 0:
+            tile_id += NUM_PROGS
+            group_id = tile_id // num_pid_in_group
+            first_pid_m = group_id * GROUP_M
+            group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+            pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+            pid_n = (tile_id % num_pid_in_group) // group_size_m
+            offs_m = pid_m * BLOCK_M + offs_mb
+            offs_n = pid_n * BLOCK_N + offs_nb
+            rows = tl.minimum(offs_m, n - 1).to(tl.int64)
+            cols = tl.minimum(offs_n, Vs - 1).to(tl.int64)
+        k = ki * BLOCK_K
+        a_ptrs = h_ptr + rows[:, None] * stride_hn + (k + offs_k)[None, :]
+        b_ptrs = w_ptr + cols[None, :] * stride_wv + (k + offs_k)[:, None]
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = (offs_k + k) < K
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if ki == k_tiles - 1:
+            lse2 = tl.load(lse2_ptr + rows)
+            c = tl.load(c_ptr + rows)
+            tgt = tl.load(tgt_ptr + rows)
+            p = tl.exp2(acc * scale2 - lse2[:, None])
+            g = -c[:, None] * p
+            g = tl.where(offs_n[None, :] == tgt[:, None], 0.0, g)
+            mask = (offs_m < n)[:, None] & (offs_n < Vs)[None, :]
+            g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gn + offs_n[None, :]
+            tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
 
 
 @triton.jit
@@ -273,13 +394,14 @@ def _dw_target_kernel(
 
 
 class Config:
-    """Tile shapes and chunking. The defaults are chosen per device in `_default_config`."""
+    """Tile shapes and chunking. The defaults are chosen per device and dtype in `_default_config`."""
 
     def __init__(
         self,
-        fwd=(128, 256, 64, 8, 3),  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        bwd=(128, 256, 64, 8, 3),
-        group_m=8,
+        fwd=(256, 128, 64, 8, 3),  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        bwd=(128, 256, 64, 8, 4),
+        group_m=16,
+        persistent=False,  # persistent grad-logits kernel
         splits=None,  # vocabulary splits of the forward; None: chosen from the grid size
         chunk_rows=16384,  # rows per backward chunk
         scratch_bytes=512 << 20,  # budget for G' blocks and the fp32 dHidden chunk accumulator
@@ -287,17 +409,25 @@ class Config:
         self.fwd = fwd
         self.bwd = bwd
         self.group_m = group_m
+        self.persistent = persistent
         self.splits = splits
         self.chunk_rows = chunk_rows
         self.scratch_bytes = scratch_bytes
 
+    def __repr__(self):
+        return f"Config({self.__dict__})"
+
 
 _INTERP_CONFIG = dict(fwd=(32, 64, 32, 4, 1), bwd=(32, 64, 32, 4, 1), group_m=4)
+# fp32 operands take twice the shared memory per tile: smaller tiles
+_FP32_CONFIG = dict(fwd=(128, 128, 32, 8, 3), bwd=(128, 128, 32, 8, 3), group_m=8)
 
 
-def _default_config(device: torch.device) -> Config:
+def _default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Config:
     if _interpret() or device.type != "cuda":
         return Config(**_INTERP_CONFIG)
+    if dtype == torch.float32:
+        return Config(**_FP32_CONFIG)
     return Config()
 
 
@@ -366,18 +496,18 @@ def _forward(hidden, weight, tgt_c, rows, temperature, entropy, cfg: Config):
         splits = min(splits, v_tiles)
     tiles_per_split = triton.cdiv(v_tiles, splits)
     splits = triton.cdiv(v_tiles, tiles_per_split)
-    part = torch.empty((4 if entropy else 3, splits, n), device=dev, dtype=torch.float32)
-    m_p, s_p, t_p = part[0], part[1], part[2]
-    e_p = part[3] if entropy else part[0]
+    part = torch.empty((3 if entropy else 2, splits, n), device=dev, dtype=torch.float32)
+    m_p, s_p = part[0], part[1]
+    e_p = part[2] if entropy else part[0]
+    rows_arg = rows if rows is not None else tgt_c
+    interp_upcast = _interpret() and hidden.dtype != torch.float32
     _fwd_kernel[(n_blocks * splits,)](
         hidden,
         weight,
-        tgt_c,
-        rows if rows is not None else tgt_c,
+        rows_arg,
         m_p,
         s_p,
         e_p,
-        t_p,
         n,
         V,
         K,
@@ -388,7 +518,7 @@ def _forward(hidden, weight, tgt_c, rows, temperature, entropy, cfg: Config):
         splits,
         HAS_ROWS=rows is not None,
         ENTROPY=entropy,
-        UPCAST=_interpret() and hidden.dtype != torch.float32,
+        UPCAST=interp_upcast,
         PRECISION=_precision(hidden.dtype),
         EVEN_K=K % BK == 0,
         BLOCK_M=BM,
@@ -397,11 +527,29 @@ def _forward(hidden, weight, tgt_c, rows, temperature, entropy, cfg: Config):
         num_warps=warps,
         num_stages=stages,
     )
+    t2 = torch.empty(n, device=dev, dtype=torch.float32)
+    tbm = 16
+    tbk = min(256, triton.next_power_of_2(K))
+    _target_logit_kernel[(triton.cdiv(n, tbm),)](
+        hidden,
+        weight,
+        tgt_c,
+        rows_arg,
+        t2,
+        n,
+        K,
+        hidden.stride(0),
+        weight.stride(0),
+        LOG2E / temperature,
+        HAS_ROWS=rows is not None,
+        BLOCK_M=tbm,
+        BLOCK_K=tbk,
+        num_warps=4,
+    )
     m = m_p.max(0).values
     wts = torch.exp2(m_p - m)
     s = (s_p * wts).sum(0)
     lse2 = m + torch.log2(s)
-    t2 = t_p.sum(0)
     e = (e_p * wts).sum(0) / s if entropy else None
     return lse2, t2, e
 
@@ -425,7 +573,7 @@ def logprobs_forward(
 ):
     """Forward only (no autograd, nothing saved): logp [N] fp32 (and entropy [N] fp32)."""
     _check_inputs(hidden, weight, targets)
-    cfg = config or _default_config(hidden.device)
+    cfg = config or _default_config(hidden.device, hidden.dtype)
     hidden, weight = _contig_rows(hidden), _contig_rows(weight)
     rows, tgt_c = _valid_rows(targets, ignore_index)
     lse2, t2, e2 = _forward(hidden, weight, tgt_c, rows, temperature, return_entropy, cfg)
@@ -511,31 +659,16 @@ def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, n
             v1 = min(V, v0 + vs)
             vw = v1 - v0
             g = g_buf[: nc * ld].view(nc, ld)[:, :vw]
-            grid = (triton.cdiv(nc, BM) * triton.cdiv(vw, BN),)
-            _grad_logits_kernel[grid](
-                h_c,
-                weight[v0:v1],
-                (tgt_c[r0:r1] - v0),
-                lse2[r0:r1],
-                c[r0:r1],
-                g,
-                nc,
-                vw,
-                K,
-                h_c.stride(0),
-                weight.stride(0),
-                g.stride(0),
-                scale2,
-                UPCAST=upcast,
-                PRECISION=_precision(dtype),
-                EVEN_K=K % BK == 0,
-                BLOCK_M=BM,
-                BLOCK_N=BN,
-                BLOCK_K=BK,
-                GROUP_M=cfg.group_m,
-                num_warps=warps,
-                num_stages=stages,
-            )
+            tiles = triton.cdiv(nc, BM) * triton.cdiv(vw, BN)
+            args = (h_c, weight[v0:v1], tgt_c[r0:r1] - v0, lse2[r0:r1], c[r0:r1], g, nc, vw, K,
+                    h_c.stride(0), weight.stride(0), g.stride(0), scale2)
+            meta = dict(UPCAST=upcast, PRECISION=_precision(dtype), EVEN_K=K % BK == 0, BLOCK_M=BM,
+                        BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg.group_m, num_warps=warps, num_stages=stages)
+            if cfg.persistent:
+                progs = min(tiles, _num_sms(dev))
+                _grad_logits_persistent_kernel[(progs,)](*args, progs, **meta)
+            else:
+                _grad_logits_kernel[(tiles,)](*args, **meta)
             if need_dh:
                 _addmm_fp32_acc(acc, g, weight[v0:v1])
             if need_dw:
@@ -606,7 +739,7 @@ class FusedLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, return_entropy, config):
         _check_inputs(hidden, weight, targets)
-        cfg = config or _default_config(hidden.device)
+        cfg = config or _default_config(hidden.device, hidden.dtype)
         hidden, weight = _contig_rows(hidden), _contig_rows(weight)
         rows, tgt_c = _valid_rows(targets, ignore_index)
         lse2, t2, e2 = _forward(hidden, weight, tgt_c, rows, temperature, return_entropy, cfg)
