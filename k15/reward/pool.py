@@ -1,66 +1,170 @@
-"""Reward actors: score finished segments of an Arrow table, spread over a pool of Ray actors."""
+"""Reward actors: score finished segments of an Arrow table, spread over a pool of Ray actors.
+
+Each actor holds a Scorer (k15.reward.verifiers): a math-verify worker with a per-answer timeout
+and, once a code row arrives, a sandbox with `code_concurrency` runs in flight. Actor calls queue
+one at a time per actor (Ray's default), so the pool's concurrency is num_actors x
+code_concurrency sandbox runs; every sample is bounded by its own limits, and the pool keeps a
+deadline per call on top (rows of a call that misses it score 0 with reason "reward_timeout" and
+the actor is restarted). Why each row got its reward is kept in the table's schema metadata:
+`reasons_of(table)`, `reason_counts(table)`.
+"""
 
 from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from k15.reward.math import score_math
+from k15.reward.verifiers import VERIFIERS, RewardConfig, Scorer  # noqa: F401  (VERIFIERS: registry)
 from k15.schema import validate
 
-VERIFIERS = {"math": score_math}
+REASONS_KEY = b"k15.reward.reasons"
+log = logging.getLogger(__name__)
+
+_default_scorer: Scorer | None = None
 
 
-def score_table(table: pa.Table, tokenizer_decode, repeat_penalty: float = 0.0) -> pa.Table:
+def default_scorer() -> Scorer:
+    global _default_scorer
+    if _default_scorer is None:
+        _default_scorer = Scorer()
+    return _default_scorer
+
+
+def _with_reasons(table: pa.Table, reasons: list[str | None]) -> pa.Table:
+    meta = dict(table.schema.metadata or {})
+    meta[REASONS_KEY] = json.dumps(reasons).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def reasons_of(table: pa.Table) -> list[str | None]:
+    """Per row: why it got its reward (None for rows not scored)."""
+    raw = (table.schema.metadata or {}).get(REASONS_KEY)
+    return json.loads(raw) if raw else [None] * table.num_rows
+
+
+def reason_counts(table: pa.Table) -> dict[str, int]:
+    return dict(Counter(r for r in reasons_of(table) if r is not None))
+
+
+def score_table(table: pa.Table, tokenizer_decode, repeat_penalty: float = 0.0, scorer: Scorer | None = None) -> pa.Table:
     """Fill `reward` for finished rows (unfinished segments keep null). A sample stopped by repeat
     detection scores -repeat_penalty without being verified."""
     table = validate(table)
     rewards = table["reward"].to_pylist()
-    for i, row in enumerate(table.select(["task", "answer", "response_tokens", "finished", "finish_reason"]).to_pylist()):
+    reasons: list[str | None] = [None] * table.num_rows
+    items, where = [], []
+    rows = table.select(["task", "answer", "response_tokens", "finished", "finish_reason"]).to_pylist()
+    for i, row in enumerate(rows):
         if not row["finished"]:
             continue
         if row["finish_reason"] == "repeat" and repeat_penalty:
-            rewards[i] = -float(repeat_penalty)
+            rewards[i], reasons[i] = -float(repeat_penalty), "repeat"
             continue
-        verifier = VERIFIERS.get(row["task"])
-        if verifier is None:
+        if row["task"] not in VERIFIERS:
             raise ValueError(f"no verifier for task '{row['task']}' (known: {sorted(VERIFIERS)})")
-        rewards[i] = verifier(tokenizer_decode(row["response_tokens"]), row["answer"]).reward
+        try:
+            text = tokenizer_decode(row["response_tokens"])
+        except Exception as e:  # tokens the tokenizer cannot decode: the sample is unusable
+            rewards[i], reasons[i] = 0.0, f"error: decode {type(e).__name__}"
+            continue
+        items.append((row["task"], text, row["answer"]))
+        where.append(i)
+    for i, result in zip(where, (scorer or default_scorer()).score_many(items)):
+        rewards[i], reasons[i] = float(result.reward), result.reason
     column = pa.array(rewards, type=pa.float32())
-    return table.set_column(table.schema.get_field_index("reward"), "reward", column)
+    table = table.set_column(table.schema.get_field_index("reward"), "reward", column)
+    return _with_reasons(table, reasons)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=3)
 class RewardActor:
-    def __init__(self, tokenizer_path: str, repeat_penalty: float = 0.0):
+    def __init__(self, tokenizer_path: str, repeat_penalty: float = 0.0, config: dict | None = None):
         from k15.models.tokenizer import load_tokenizer
 
         self._tokenizer = load_tokenizer(tokenizer_path)
         self._repeat_penalty = repeat_penalty
+        self._scorer = Scorer(config)
 
     def _decode(self, tokens) -> str:
         return self._tokenizer.decode(tokens, skip_special_tokens=True)
 
     def score(self, table: pa.Table) -> pa.Table:
-        return score_table(table, self._decode, self._repeat_penalty)
+        return score_table(table, self._decode, self._repeat_penalty, self._scorer)
+
+    def score_items(self, items: list[tuple[str, str, str]]) -> list[tuple[float, str]]:
+        """(task, response text, answer) -> (reward, reason), for callers without token tables."""
+        return [(r.reward, r.reason) for r in self._scorer.score_many(items)]
 
 
 class RewardPool:
-    """Splits a table across reward actors and puts it back together, in order."""
+    """Splits a table across reward actors and puts it back together, in order.
 
-    def __init__(self, num_actors: int, tokenizer_path: str, repeat_penalty: float = 0.0):
-        self.actors = [RewardActor.remote(tokenizer_path, repeat_penalty) for _ in range(num_actors)]
+    config: the `reward:` options (k15.reward.verifiers.RewardConfig fields, dict or OmegaConf).
+    timeout_s: deadline for one actor call (a backstop: every sample has its own limits).
+    """
 
-    def score(self, table_ref) -> ray.ObjectRef:
+    def __init__(self, num_actors: int, tokenizer_path: str, repeat_penalty: float = 0.0,
+                 config: dict | None = None, timeout_s: float = 600.0):
+        if num_actors < 1:
+            raise ValueError(f"reward pool 'num_actors' must be >= 1, got {num_actors}")
+        if config is not None and not isinstance(config, dict):
+            config = dataclass_or_omegaconf_to_dict(config)
+        RewardConfig.from_dict(config)  # fail here, naming the option, not in every actor
+        self.actors = [RewardActor.remote(tokenizer_path, repeat_penalty, config) for _ in range(num_actors)]
+        self.timeout_s = timeout_s
+
+    def score(self, table_ref, timeout_s: float | None = None) -> ray.ObjectRef:
         """Score a table (or a ref to one); returns a ref to the scored table without blocking."""
-        return _score_on_pool.remote(self.actors, table_ref)
+        return _score_on_pool.remote(self.actors, table_ref, timeout_s or self.timeout_s)
+
+
+def dataclass_or_omegaconf_to_dict(config) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(config):
+            return OmegaConf.to_container(config, resolve=True)
+    except ImportError:
+        pass
+    import dataclasses
+
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    raise ValueError(f"reward pool 'config' must be a dict, got {type(config).__name__}")
 
 
 @ray.remote(num_cpus=0)
-def _score_on_pool(actors, table: pa.Table) -> pa.Table:
+def _score_on_pool(actors, table: pa.Table, timeout_s: float) -> pa.Table:
     if table.num_rows == 0:
         return table
-    parts = np.array_split(np.arange(table.num_rows), len(actors))
-    refs = [a.score.remote(table.take(idx)) for a, idx in zip(actors, parts) if len(idx)]
-    return pa.concat_tables(ray.get(refs))
+    parts = [idx for idx in np.array_split(np.arange(table.num_rows), len(actors)) if len(idx)]
+    refs = [a.score.remote(table.take(idx)) for a, idx in zip(actors, parts)]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    ready = set(ready)
+    out = []
+    for actor, idx, ref in zip(actors, parts, refs):
+        part = table.take(idx)
+        why = None
+        if ref in ready:
+            try:
+                scored = ray.get(ref)
+                out.append((scored.replace_schema_metadata(None), reasons_of(scored)))
+                continue
+            except ray.exceptions.RayActorError as e:
+                why = "reward_actor_died"
+                log.error("reward actor died while scoring %d rows: %s", len(idx), e)
+        else:
+            why = "reward_timeout"
+            log.error("reward actor missed the %.0fs deadline on %d rows; restarting it", timeout_s, len(idx))
+            ray.kill(actor, no_restart=False)
+        finished = part["finished"].to_pylist()
+        rewards = [0.0 if f else r for f, r in zip(finished, part["reward"].to_pylist())]
+        part = part.set_column(part.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float32()))
+        out.append((part.replace_schema_metadata(None), [why if f else None for f in finished]))
+    merged = pa.concat_tables([t for t, _ in out])
+    return _with_reasons(merged, [r for _, rs in out for r in rs])
