@@ -17,9 +17,7 @@ __all__ = ["RewardResult", "extract_answer", "last_boxed", "score_math", "score_
            "default_verifier", "MAX_ANSWER_CHARS"]
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-_ANSWER_LINE = re.compile(
-    r"(?:final answer(?: is)?|the answer is|answer)\s*[:=]?\s*(.+)", re.IGNORECASE
-)
+_ANSWER_LINE = re.compile(r"\banswer\s*(?:is\s*:?|:|=)\s*(.+)", re.IGNORECASE)
 _HASH_ANSWER = re.compile(r"^\s*####\s*(.+)$")
 _PLAIN_NUMBER = re.compile(r"[-+]?\d{1,200}(?:\.\d{1,200})?")
 MAX_ANSWER_CHARS = 1000  # longer "answers" are not sent to the symbolic checker
@@ -43,7 +41,7 @@ def last_boxed(text: str) -> str | None:
 
 
 def _clean(answer: str) -> str:
-    answer = answer.strip()
+    answer = answer.strip().rstrip(".").strip()
     for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if answer.startswith(left) and answer.endswith(right) and len(answer) >= len(left) + len(right):
             answer = answer[len(left) : len(answer) - len(right)].strip()

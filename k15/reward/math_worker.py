@@ -31,8 +31,9 @@ _GRACE_S = 2.0  # host deadline beyond the worker's own timer
 
 # ---------------------------------------------------------------------------------------------
 # worker side
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Raised by our interval timer; a BaseException so math-verify's `except Exception` blocks
+    (which would turn it into a plain False) let it through."""
 
 
 def _on_alarm(signum, frame):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class RewardResult:
+class RewardResult(NamedTuple):
     reward: float
     # Why: "correct", "wrong", "no_answer", "unparsable_answer", "timeout", "wrong_answer",
-    # "time_limit", "runtime_error", "no_code", "sandbox_error", "error: <type>", ...
+    # "time_limit", "memory_limit", "output_limit", "runtime_error", "no_code", "sandbox_error",
+    # "error: <type>", ...
     reason: str
-

@@ -111,6 +111,8 @@ class SandboxConfig:
 class TestRun:
     """What happened to one test inside the sandbox (no verdict: the caller compares)."""
 
+    __test__ = False  # not a pytest test class
+
     status: str  # exited | signaled | wall_timeout | setup_error | sandbox_timeout | sandbox_lost | sandbox_protocol
     exit_code: int | None = None
     signal: int | None = None
