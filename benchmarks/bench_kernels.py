@@ -302,7 +302,7 @@ FWD_CFGS = [
     (256, 128, 64, 8, 4),
     (128, 256, 64, 8, 3),
     (128, 256, 64, 8, 4),
-    (256, 128, 128, 8, 2),
+    (128, 128, 64, 4, 3),
 ]
 BWD_CFGS = [
     (128, 256, 64, 8, 3),
@@ -318,9 +318,9 @@ def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_
     from k15.kernels.logprobs import (
         LOG2E,
         Config,
+        _desc,
         _grad_logits_kernel,
-        _grad_logits_persistent_kernel,
-        _num_sms,
+        _grad_logits_tma_kernel,
         logprobs_forward,
     )
 
@@ -334,16 +334,16 @@ def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_
     log(f"[tune] N={N} cuBLAS {gemm_ms:.2f} ms {flops / gemm_ms / 1e9:.0f} TFLOP/s")
     out["gemm_ms"] = gemm_ms
     out["fwd"] = []
-    todo = [(cfg, None) for cfg in (fwd_cfgs or FWD_CFGS)]
-    todo += [((fwd_cfgs or FWD_CFGS)[0], sp) for sp in splits_list if sp is not None]
-    for cfg, sp in todo:
+    todo = [(cfg, None, tma) for tma in (True, False) for cfg in (fwd_cfgs or FWD_CFGS)]
+    todo += [((fwd_cfgs or FWD_CFGS)[0], sp, True) for sp in splits_list if sp is not None]
+    for cfg, sp, tma in todo:
         if True:
             try:
-                c = Config(fwd=cfg, splits=sp)
+                c = Config(fwd=cfg, splits=sp, tma=tma)
                 ms = cuda_time(lambda: logprobs_forward(h, w, t, config=c), reps=reps)
-                r = dict(cfg=cfg, splits=sp, ms=ms, x_gemm=ms / gemm_ms, tflops=flops / ms / 1e9)
+                r = dict(cfg=cfg, splits=sp, tma=tma, ms=ms, x_gemm=ms / gemm_ms, tflops=flops / ms / 1e9)
             except Exception as e:  # noqa: BLE001
-                r = dict(cfg=cfg, splits=sp, error=f"{type(e).__name__}: {e}"[:200])
+                r = dict(cfg=cfg, splits=sp, tma=tma, error=f"{type(e).__name__}: {e}"[:200])
             out["fwd"].append(r)
             log(f"[tune] fwd {json.dumps(r)}")
     # backward pieces on one block of the size used at N = 131072
@@ -356,17 +356,18 @@ def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_
     bflops = 2.0 * nc * vs * H
     out["bwd"] = []
     for cfg in bwd_cfgs or BWD_CFGS:
-        for gm, pers in ((16, False), (8, True), (16, True)):
+        for gm, pers in ((16, False), (8, True), (16, True)):  # pers here means: TMA kernel
             BM, BN, BK, wp, st = cfg
             tiles = triton.cdiv(nc, BM) * triton.cdiv(vs, BN)
             args = (hc, ws, tg, lse2, cc, G, nc, vs, H, hc.stride(0), ws.stride(0), G.stride(0), LOG2E)
             meta = dict(UPCAST=False, PRECISION="ieee", EVEN_K=H % BK == 0, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                         GROUP_M=gm, num_warps=wp, num_stages=st)
-            progs = min(tiles, _num_sms(h.device))
 
             def run():
                 if pers:
-                    _grad_logits_persistent_kernel[(progs,)](*args, progs, **meta)
+                    _grad_logits_tma_kernel[(tiles,)](_desc(hc, (BM, BK)), _desc(ws, (BN, BK)), tg, lse2, cc, G, nc,
+                                                      vs, H, G.stride(0), LOG2E, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                                                      GROUP_M=gm, num_warps=wp, num_stages=st)
                 else:
                     _grad_logits_kernel[(tiles,)](*args, **meta)
             try:
@@ -470,7 +471,7 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             log(f"{mod} unavailable: {e}")
     if args.tune:
-        tuned = [tune(int(n), args.H, args.V, dtype, args.scale, args.reps, log, splits_list=(None, 4, 24))
+        tuned = [tune(int(n), args.H, args.V, dtype, args.scale, args.reps, log, splits_list=(None, 6, 22))
                  for n in args.tune.split(",")]
         with open(os.path.join(args.out, "tune.json"), "w") as f:
             json.dump(tuned, f, indent=1)

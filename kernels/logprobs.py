@@ -46,6 +46,20 @@ def _interpret() -> bool:
 
 
 @triton.jit
+def _lse_tile_update(acc, m_i, s_i, e_i, vt, V, scale2, ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Fold one [BLOCK_M, BLOCK_N] tile of raw logits into the running (max, sum 2^.., sum p*z)."""
+    if (vt + 1) * BLOCK_N > V:  # ragged last tile: columns past V drop out
+        acc = tl.where(((vt * BLOCK_N + tl.arange(0, BLOCK_N)) < V)[None, :], acc, -1.0e30)
+    m_new = tl.maximum(m_i, tl.max(acc, 1))
+    alpha = tl.exp2((m_i - m_new) * scale2)
+    p = tl.exp2(acc * scale2 - (m_new * scale2)[:, None])
+    s_i = s_i * alpha + tl.sum(p, 1)
+    if ENTROPY:
+        e_i = e_i * alpha + tl.sum(p * acc, 1)
+    return m_new, s_i, e_i
+
+
+@triton.jit
 def _fwd_kernel(
     h_ptr,
     w_ptr,
@@ -71,8 +85,7 @@ def _fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Per (row block, vocabulary split): online max / sum of 2^(z*scale2) / sum of p*z over the
-    split's tiles. One flattened loop over (tile, k) so that loads of the next tile overlap the
-    current tile's softmax epilogue."""
+    split's vocabulary tiles (pointer loads; rows may be gathered through rows_ptr)."""
     pid = tl.program_id(0)
     pid_m = pid // num_splits
     split = pid - pid_m * num_splits
@@ -86,48 +99,78 @@ def _fwd_kernel(
         rows = idx.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None] * stride_hn + offs_k[None, :]
-    offs_nb = tl.arange(0, BLOCK_N)
 
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # running max of the raw logits (acc units)
     s_i = tl.zeros((BLOCK_M,), tl.float32)
     e_i = tl.zeros((BLOCK_M,), tl.float32)
-
     num_v_tiles = tl.cdiv(V, BLOCK_N)
     vt0 = split * tiles_per_split
     vt1 = tl.minimum(vt0 + tiles_per_split, num_v_tiles)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    total = (vt1 - vt0) * k_tiles
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for it in range(0, total):
-        vt = vt0 + it // k_tiles
-        ki = it % k_tiles
-        k = ki * BLOCK_K
-        n_idx = tl.minimum(vt * BLOCK_N + offs_nb, V - 1).to(tl.int64)
-        b_ptrs = w_ptr + n_idx[None, :] * stride_wv + (k + offs_k)[:, None]
-        if EVEN_K:
-            a = tl.load(a_ptrs + k)
-            b = tl.load(b_ptrs)
-        else:
-            kmask = (offs_k + k) < K
-            a = tl.load(a_ptrs + k, mask=kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if ki == k_tiles - 1:
-            if (vt + 1) * BLOCK_N > V:  # ragged last tile: columns past V drop out
-                acc = tl.where(((vt * BLOCK_N + offs_nb) < V)[None, :], acc, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(acc, 1))
-            alpha = tl.exp2((m_i - m_new) * scale2)
-            p = tl.exp2(acc * scale2 - (m_new * scale2)[:, None])
-            s_i = s_i * alpha + tl.sum(p, 1)
-            if ENTROPY:
-                e_i = e_i * alpha + tl.sum(p * acc, 1)
-            m_i = m_new
-            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for vt in range(vt0, vt1):
+        n_idx = tl.minimum(vt * BLOCK_N + tl.arange(0, BLOCK_N), V - 1).to(tl.int64)
+        b_ptrs = w_ptr + n_idx[None, :] * stride_wv + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs + k)
+                b = tl.load(b_ptrs + k)
+            else:
+                kmask = (offs_k + k) < K
+                a = tl.load(a_ptrs + k, mask=kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs + k, mask=kmask[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        m_i, s_i, e_i = _lse_tile_update(acc, m_i, s_i, e_i, vt, V, scale2, ENTROPY, BLOCK_N)
 
     out = split * n + offs_m
+    tl.store(m_ptr + out, m_i * scale2, mask=m_mask)
+    tl.store(s_ptr + out, s_i, mask=m_mask)
+    if ENTROPY:
+        tl.store(e_ptr + out, e_i * scale2, mask=m_mask)
+
+
+@triton.jit
+def _fwd_tma_kernel(
+    h_desc,
+    w_desc,
+    m_ptr,
+    s_ptr,
+    e_ptr,
+    n,
+    part_stride,
+    V,
+    K,
+    scale2,
+    tiles_per_split,
+    num_splits,
+    ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """_fwd_kernel with TMA (tensor-descriptor) loads of contiguous rows (CUDA, Hopper)."""
+    pid = tl.program_id(0)
+    pid_m = pid // num_splits
+    split = pid - pid_m * num_splits
+    off_m = pid_m * BLOCK_M
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    s_i = tl.zeros((BLOCK_M,), tl.float32)
+    e_i = tl.zeros((BLOCK_M,), tl.float32)
+    num_v_tiles = tl.cdiv(V, BLOCK_N)
+    vt0 = split * tiles_per_split
+    vt1 = tl.minimum(vt0 + tiles_per_split, num_v_tiles)
+    for vt in range(vt0, vt1):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = h_desc.load([off_m, k])
+            b = w_desc.load([vt * BLOCK_N, k])
+            acc = tl.dot(a, b.T, acc)
+        m_i, s_i, e_i = _lse_tile_update(acc, m_i, s_i, e_i, vt, V, scale2, ENTROPY, BLOCK_N)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n
+    out = split * part_stride + offs_m
     tl.store(m_ptr + out, m_i * scale2, mask=m_mask)
     tl.store(s_ptr + out, s_i, mask=m_mask)
     if ENTROPY:
@@ -320,6 +363,53 @@ def _grad_logits_persistent_kernel(
 
 
 @triton.jit
+def _grad_logits_tma_kernel(
+    h_desc,
+    w_desc,
+    tgt_ptr,
+    lse2_ptr,
+    c_ptr,
+    g_ptr,
+    n,
+    Vs,
+    K,
+    stride_gn,
+    scale2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """_grad_logits_kernel with TMA loads (CUDA, Hopper)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(n, BLOCK_M)
+    num_pid_n = tl.cdiv(Vs, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = h_desc.load([pid_m * BLOCK_M, k])
+        b = w_desc.load([pid_n * BLOCK_N, k])
+        acc = tl.dot(a, b.T, acc)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_m, n - 1)
+    lse2 = tl.load(lse2_ptr + rows)
+    c = tl.load(c_ptr + rows)
+    tgt = tl.load(tgt_ptr + rows)
+    p = tl.exp2(acc * scale2 - lse2[:, None])
+    g = -c[:, None] * p
+    g = tl.where(offs_n[None, :] == tgt[:, None], 0.0, g)
+    mask = (offs_m < n)[:, None] & (offs_n < Vs)[None, :]
+    g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gn + offs_n[None, :]
+    tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _finalize_dh_kernel(
     acc_ptr,
     w_ptr,
@@ -401,7 +491,8 @@ class Config:
         fwd=(256, 128, 64, 8, 3),  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
         bwd=(128, 256, 64, 8, 4),
         group_m=16,
-        persistent=False,  # persistent grad-logits kernel
+        persistent=False,  # persistent grad-logits kernel (slow on Triton 3.6: kept for tuning)
+        tma=True,  # TMA (tensor-descriptor) loads where possible (CUDA, 16-bit, K % 8 == 0)
         splits=None,  # vocabulary splits of the forward; None: chosen from the grid size
         chunk_rows=16384,  # rows per backward chunk
         scratch_bytes=512 << 20,  # budget for G' blocks and the fp32 dHidden chunk accumulator
@@ -410,6 +501,7 @@ class Config:
         self.bwd = bwd
         self.group_m = group_m
         self.persistent = persistent
+        self.tma = tma
         self.splits = splits
         self.chunk_rows = chunk_rows
         self.scratch_bytes = scratch_bytes
@@ -418,9 +510,9 @@ class Config:
         return f"Config({self.__dict__})"
 
 
-_INTERP_CONFIG = dict(fwd=(32, 64, 32, 4, 1), bwd=(32, 64, 32, 4, 1), group_m=4)
+_INTERP_CONFIG = dict(fwd=(32, 64, 32, 4, 1), bwd=(32, 64, 32, 4, 1), group_m=4, tma=False)
 # fp32 operands take twice the shared memory per tile: smaller tiles
-_FP32_CONFIG = dict(fwd=(128, 128, 32, 8, 3), bwd=(128, 128, 32, 8, 3), group_m=8)
+_FP32_CONFIG = dict(fwd=(128, 128, 32, 8, 3), bwd=(128, 128, 32, 8, 3), group_m=8, tma=False)
 
 
 def _default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Config:
@@ -429,6 +521,48 @@ def _default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -
     if dtype == torch.float32:
         return Config(**_FP32_CONFIG)
     return Config()
+
+
+def _use_tma(cfg: Config, x: torch.Tensor) -> bool:
+    if cfg.tma == "force":  # tests: the TMA kernels also run under the interpreter (fp16 there)
+        return x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 8 == 0
+    return (
+        cfg.tma
+        and x.is_cuda
+        and not _interpret()
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.shape[1] % 8 == 0
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+def _desc(x: torch.Tensor, block):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(x, list(block))
+
+
+class _Prof:
+    """Phase timing with CUDA events, on when K15_KERNELS_PROFILE=1 (prints a summary)."""
+
+    def __init__(self, name):
+        self.on = os.environ.get("K15_KERNELS_PROFILE", "0") == "1" and torch.cuda.is_available()
+        self.name, self.ev, self.last = name, [], None
+
+    def mark(self, label):
+        if self.on:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.ev.append((label, e))
+
+    def report(self):
+        if not self.on or len(self.ev) < 2:
+            return
+        torch.cuda.synchronize()
+        tot = {}
+        for (_, a), (label, b) in zip(self.ev[:-1], self.ev[1:]):
+            tot[label] = tot.get(label, 0.0) + a.elapsed_time(b)
+        print(f"[k15.kernels profile] {self.name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in tot.items()), flush=True)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -500,33 +634,65 @@ def _forward(hidden, weight, tgt_c, rows, temperature, entropy, cfg: Config):
     m_p, s_p = part[0], part[1]
     e_p = part[2] if entropy else part[0]
     rows_arg = rows if rows is not None else tgt_c
-    interp_upcast = _interpret() and hidden.dtype != torch.float32
-    _fwd_kernel[(n_blocks * splits,)](
-        hidden,
-        weight,
-        rows_arg,
-        m_p,
-        s_p,
-        e_p,
-        n,
-        V,
-        K,
-        hidden.stride(0),
-        weight.stride(0),
-        LOG2E / temperature,
-        tiles_per_split,
-        splits,
-        HAS_ROWS=rows is not None,
-        ENTROPY=entropy,
-        UPCAST=interp_upcast,
-        PRECISION=_precision(hidden.dtype),
-        EVEN_K=K % BK == 0,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_K=BK,
-        num_warps=warps,
-        num_stages=stages,
-    )
+    if _use_tma(cfg, hidden):
+        w_desc = _desc(weight, (BN, BK))
+        # gathered rows: TMA cannot gather, so copy valid rows chunk by chunk into a small buffer
+        step = n if rows is None else min(n, cfg.chunk_rows)
+        buf = None if rows is None else torch.empty((step, K), device=dev, dtype=hidden.dtype)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            if rows is None:
+                src = hidden
+            else:
+                src = buf[: r1 - r0]
+                torch.index_select(hidden, 0, rows[r0:r1], out=src)
+            _fwd_tma_kernel[(triton.cdiv(r1 - r0, BM) * splits,)](
+                _desc(src, (BM, BK)),
+                w_desc,
+                m_p[:, r0:],
+                s_p[:, r0:],
+                e_p[:, r0:],
+                r1 - r0,
+                n,
+                V,
+                K,
+                LOG2E / temperature,
+                tiles_per_split,
+                splits,
+                ENTROPY=entropy,
+                BLOCK_M=BM,
+                BLOCK_N=BN,
+                BLOCK_K=BK,
+                num_warps=warps,
+                num_stages=stages,
+            )
+    else:
+        _fwd_kernel[(n_blocks * splits,)](
+            hidden,
+            weight,
+            rows_arg,
+            m_p,
+            s_p,
+            e_p,
+            n,
+            V,
+            K,
+            hidden.stride(0),
+            weight.stride(0),
+            LOG2E / temperature,
+            tiles_per_split,
+            splits,
+            HAS_ROWS=rows is not None,
+            ENTROPY=entropy,
+            UPCAST=_interpret() and hidden.dtype != torch.float32,
+            PRECISION=_precision(hidden.dtype),
+            EVEN_K=K % BK == 0,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            BLOCK_K=BK,
+            num_warps=warps,
+            num_stages=stages,
+        )
     t2 = torch.empty(n, device=dev, dtype=torch.float32)
     tbm = 16
     tbk = min(256, triton.next_power_of_2(K))
@@ -643,6 +809,9 @@ def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, n
     acc_buf = torch.empty((chunk, K), device=dev, dtype=torch.float32) if need_dh else None
     gath_buf = torch.empty((chunk, K), device=dev, dtype=dtype) if rows is not None else None
     upcast = _interpret() and dtype != torch.float32
+    tma = _use_tma(cfg, hidden)
+    prof = _Prof(f"backward n={n} V={V} K={K} chunk={chunk} slice={vs}")
+    prof.mark("start")
 
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
@@ -652,6 +821,7 @@ def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, n
         else:
             h_c = gath_buf[:nc]
             torch.index_select(hidden, 0, rows[r0:r1], out=h_c)
+            prof.mark("gather")
         if need_dh:
             acc = acc_buf[:nc]
             acc.zero_()
@@ -664,19 +834,26 @@ def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, n
                     h_c.stride(0), weight.stride(0), g.stride(0), scale2)
             meta = dict(UPCAST=upcast, PRECISION=_precision(dtype), EVEN_K=K % BK == 0, BLOCK_M=BM,
                         BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg.group_m, num_warps=warps, num_stages=stages)
-            if cfg.persistent:
+            if tma:
+                _grad_logits_tma_kernel[(tiles,)](
+                    _desc(h_c, (BM, BK)), _desc(weight[v0:v1], (BN, BK)), *args[2:9], g.stride(0), scale2,
+                    BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg.group_m, num_warps=warps, num_stages=stages)
+            elif cfg.persistent:
                 progs = min(tiles, _num_sms(dev))
                 _grad_logits_persistent_kernel[(progs,)](*args, progs, **meta)
             else:
                 _grad_logits_kernel[(tiles,)](*args, **meta)
+            prof.mark("grad-logits")
             if need_dh:
                 _addmm_fp32_acc(acc, g, weight[v0:v1])
+                prof.mark("dH gemm")
             if need_dw:
                 dw_s = dw[v0:v1]
                 if r0 == 0:
                     torch.mm(g.t(), h_c, out=dw_s)
                 else:
                     torch.addmm(dw_s, g.t(), h_c, out=dw_s)
+                prof.mark("dW gemm")
         if need_dh:
             bk = min(1024, triton.next_power_of_2(K))
             _finalize_dh_kernel[(nc, triton.cdiv(K, bk))](
@@ -694,8 +871,11 @@ def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, n
                 HAS_ROWS=rows is not None,
                 BLOCK_K=bk,
             )
+            prof.mark("finalize dH")
     if need_dw:
         _dw_add_target(dw, hidden, tgt_c, rows, coef_t)
+        prof.mark("dW target term")
+    prof.report()
     return dh, dw
 
 

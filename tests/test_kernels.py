@@ -70,7 +70,7 @@ def make_inputs(N, V, H, dtype, scale=3.0, ignore_frac=0.2, seed=None):
     return h.to(DEV), w.to(DEV), t.to(DEV), g.to(DEV)
 
 
-def small_config(chunk_rows, scratch_bytes, persistent=False, dtype=torch.float32):
+def small_config(chunk_rows, scratch_bytes, persistent=False, dtype=torch.float32, tma=None):
     from k15.kernels.logprobs import Config, _default_config
 
     base = _default_config(DEV, dtype)
@@ -79,6 +79,7 @@ def small_config(chunk_rows, scratch_bytes, persistent=False, dtype=torch.float3
         bwd=base.bwd,
         group_m=base.group_m,
         persistent=persistent,
+        tma=base.tma if tma is None else tma,
         splits=3,
         chunk_rows=chunk_rows,
         scratch_bytes=scratch_bytes,
@@ -121,6 +122,16 @@ def test_logprobs_chunked_backward(ignore_frac, persistent):
     elt = 4
     cfg = small_config(chunk_rows=24, scratch_bytes=24 * 64 * elt + 24 * 48 * 4 + 24 * 48 * elt, persistent=persistent)
     check_logprobs(N=61, V=200, H=48, dtype=torch.float32, temperature=1.3, config=cfg, ignore_frac=ignore_frac)
+
+
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.25])
+def test_logprobs_tma_path(ignore_frac):
+    # the tensor-descriptor kernels (the CUDA default for 16-bit inputs), forced on: on CPU they run
+    # under the interpreter with fp16 (its bf16 dot is unreliable); with ignored rows the forward
+    # gathers valid rows chunk by chunk
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    cfg = small_config(chunk_rows=24, scratch_bytes=24 * 64 * 2 + 24 * 48 * 4 + 24 * 48 * 2, dtype=dtype, tma="force")
+    check_logprobs(N=61, V=200, H=48, dtype=dtype, temperature=0.9, config=cfg, ignore_frac=ignore_frac)
 
 
 def test_logprobs_repeated_targets_no_ignored():
