@@ -5,7 +5,7 @@ and, once a code row arrives, a sandbox with `code_concurrency` runs in flight. 
 one at a time per actor (Ray's default), so the pool's concurrency is num_actors x
 code_concurrency sandbox runs; every sample is bounded by its own limits, and the pool keeps a
 deadline per call on top (rows of a call that misses it score 0 with reason "reward_timeout" and
-the actor is restarted). Why each row got its reward is kept in the table's schema metadata:
+the actor is restarted; Ray retries a call once when its actor dies and comes back). Why each row got its reward is kept in the table's schema metadata:
 `reasons_of(table)`, `reason_counts(table)`.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 
 import numpy as np
@@ -81,7 +82,7 @@ def score_table(table: pa.Table, tokenizer_decode, repeat_penalty: float = 0.0, 
     return _with_reasons(table, reasons)
 
 
-@ray.remote(num_cpus=0, max_restarts=3)
+@ray.remote(num_cpus=0, max_restarts=3, max_task_retries=1)
 class RewardActor:
     def __init__(self, tokenizer_path: str, repeat_penalty: float = 0.0, config: dict | None = None):
         from k15.models.tokenizer import load_tokenizer
@@ -142,29 +143,35 @@ def dataclass_or_omegaconf_to_dict(config) -> dict:
 def _score_on_pool(actors, table: pa.Table, timeout_s: float) -> pa.Table:
     if table.num_rows == 0:
         return table
+    deadline = time.monotonic() + timeout_s
     parts = [idx for idx in np.array_split(np.arange(table.num_rows), len(actors)) if len(idx)]
-    refs = [a.score.remote(table.take(idx)) for a, idx in zip(actors, parts)]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    ready = set(ready)
+    pending = {actors[k].score.remote(table.take(idx)): k for k, idx in enumerate(parts)}
+    scored: dict[int, pa.Table] = {}
+    failed: dict[int, str] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        k = pending.pop(ready[0])
+        try:
+            scored[k] = ray.get(ready[0])
+        except ray.exceptions.RayActorError as e:  # died again after Ray's own retry
+            failed[k] = "reward_actor_died"
+            log.error("reward actor died while scoring %d rows: %s", len(parts[k]), e)
+    for ref, k in pending.items():
+        failed[k] = "reward_timeout"
+        log.error("reward actor missed the %.0fs deadline on %d rows; restarting it", timeout_s, len(parts[k]))
+        ray.cancel(ref)  # not to be retried on the restarted actor
+        ray.kill(actors[k], no_restart=False)
     out = []
-    for actor, idx, ref in zip(actors, parts, refs):
+    for k, idx in enumerate(parts):
+        if k in scored:
+            out.append((scored[k].replace_schema_metadata(None), reasons_of(scored[k])))
+            continue
         part = table.take(idx)
-        why = None
-        if ref in ready:
-            try:
-                scored = ray.get(ref)
-                out.append((scored.replace_schema_metadata(None), reasons_of(scored)))
-                continue
-            except ray.exceptions.RayActorError as e:
-                why = "reward_actor_died"
-                log.error("reward actor died while scoring %d rows: %s", len(idx), e)
-        else:
-            why = "reward_timeout"
-            log.error("reward actor missed the %.0fs deadline on %d rows; restarting it", timeout_s, len(idx))
-            ray.kill(actor, no_restart=False)
         finished = part["finished"].to_pylist()
         rewards = [0.0 if f else r for f, r in zip(finished, part["reward"].to_pylist())]
         part = part.set_column(part.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float32()))
-        out.append((part.replace_schema_metadata(None), [why if f else None for f in finished]))
+        out.append((part.replace_schema_metadata(None), [failed[k] if f else None for f in finished]))
     merged = pa.concat_tables([t for t, _ in out])
     return _with_reasons(merged, [r for _, rs in out for r in rs])
