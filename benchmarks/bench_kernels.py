@@ -312,7 +312,8 @@ BWD_CFGS = [
 ]
 
 
-def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_list=(None,)):
+def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_list=(None,), tmas=(True, False),
+         do_bwd=True):
     import triton
 
     from k15.kernels.logprobs import (
@@ -334,8 +335,7 @@ def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_
     log(f"[tune] N={N} cuBLAS {gemm_ms:.2f} ms {flops / gemm_ms / 1e9:.0f} TFLOP/s")
     out["gemm_ms"] = gemm_ms
     out["fwd"] = []
-    todo = [(cfg, None, tma) for tma in (True, False) for cfg in (fwd_cfgs or FWD_CFGS)]
-    todo += [((fwd_cfgs or FWD_CFGS)[0], sp, True) for sp in splits_list if sp is not None]
+    todo = [(cfg, sp, tma) for tma in tmas for cfg in (fwd_cfgs or FWD_CFGS) for sp in splits_list]
     for cfg, sp, tma in todo:
         if True:
             try:
@@ -346,6 +346,8 @@ def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_
                 r = dict(cfg=cfg, splits=sp, tma=tma, error=f"{type(e).__name__}: {e}"[:200])
             out["fwd"].append(r)
             log(f"[tune] fwd {json.dumps(r)}")
+    if not do_bwd:
+        return out
     # backward pieces on one block of the size used at N = 131072
     nc, vs = min(N, 16384), 9216
     hc, ws = h[:nc], w[:vs]
@@ -439,6 +441,10 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tune", default="", help="comma-separated N values: sweep our kernels' configs there")
     ap.add_argument("--tune-only", action="store_true")
+    ap.add_argument("--tune-fwd", default="", help='JSON list of forward configs, e.g. [[256,128,64,8,3]]')
+    ap.add_argument("--tune-splits", default="auto")
+    ap.add_argument("--tune-tma", default="1,0")
+    ap.add_argument("--tune-no-bwd", action="store_true")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     os.makedirs(args.out, exist_ok=True)
@@ -471,7 +477,10 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             log(f"{mod} unavailable: {e}")
     if args.tune:
-        tuned = [tune(int(n), args.H, args.V, dtype, args.scale, args.reps, log, splits_list=(None, 6, 22))
+        fwd_cfgs = [tuple(c) for c in json.loads(args.tune_fwd)] if args.tune_fwd else None
+        splits = [None if x == "auto" else int(x) for x in args.tune_splits.split(",")]
+        tuned = [tune(int(n), args.H, args.V, dtype, args.scale, args.reps, log, fwd_cfgs=fwd_cfgs, splits_list=splits,
+                      tmas=[x == "1" for x in args.tune_tma.split(",")], do_bwd=not args.tune_no_bwd)
                  for n in args.tune.split(",")]
         with open(os.path.join(args.out, "tune.json"), "w") as f:
             json.dump(tuned, f, indent=1)

@@ -515,12 +515,30 @@ _INTERP_CONFIG = dict(fwd=(32, 64, 32, 4, 1), bwd=(32, 64, 32, 4, 1), group_m=4,
 _FP32_CONFIG = dict(fwd=(128, 128, 32, 8, 3), bwd=(128, 128, 32, 8, 3), group_m=8, tma=False)
 
 
+def _env_overrides() -> dict:
+    """K15_KERNELS_{FWD,BWD}="BM,BN,BK,warps,stages", K15_KERNELS_{SPLITS,GROUP_M,CHUNK_ROWS,SCRATCH_MB}:
+    override the CUDA defaults (for tuning runs)."""
+    out = {}
+    for key in ("fwd", "bwd"):
+        v = os.environ.get(f"K15_KERNELS_{key.upper()}")
+        if v:
+            out[key] = tuple(int(x) for x in v.split(","))
+    for key, env in (("splits", "SPLITS"), ("group_m", "GROUP_M"), ("chunk_rows", "CHUNK_ROWS")):
+        v = os.environ.get(f"K15_KERNELS_{env}")
+        if v:
+            out[key] = int(v)
+    v = os.environ.get("K15_KERNELS_SCRATCH_MB")
+    if v:
+        out["scratch_bytes"] = int(v) << 20
+    return out
+
+
 def _default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Config:
     if _interpret() or device.type != "cuda":
         return Config(**_INTERP_CONFIG)
     if dtype == torch.float32:
         return Config(**_FP32_CONFIG)
-    return Config()
+    return Config(**_env_overrides())
 
 
 def _use_tma(cfg: Config, x: torch.Tensor) -> bool:

@@ -6,6 +6,10 @@ where targets' ignores every token with seq_id -1, so those tokens cost no GEMM 
 through the plain-PyTorch loss gives each trained token of sequence j the upstream gradient
 -(r_j - rbar_j - tau * Delta_j) / (k * num_groups) (K15_METHOD.md), and the fused backward turns it
 into dHidden and dWeight exactly. The reference is kernels/logprobs_ref.reference_mirror_descent_loss.
+
+old_logp=None means "the weights that generated the batch are the current ones" (the first step of
+an iteration): the old log-probs are the new ones, detached, so Delta_j = 0 exactly and the old
+log-probs cost no extra forward pass.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def fused_mirror_descent_loss_impl(
     tgt = torch.where(seq_ids >= 0, targets, torch.full_like(targets, IGNORE_INDEX))
     out = logprobs_fn(hidden, weight, tgt, temperature=temperature, return_entropy=return_aux)
     logp, entropy = out if return_aux else (out, None)
+    if old_logp is None:  # first step of an iteration: pi_theta_i is the current policy, Delta_j = 0
+        old_logp = logp.detach()
     loss, stats = mirror_descent_loss(logp, old_logp, seq_ids, rewards, group_size, tau)
     if not return_aux:
         return loss, stats

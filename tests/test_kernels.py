@@ -240,6 +240,10 @@ def test_fused_loss_first_step_gradient_is_policy_gradient():
     loss, stats = mirror_descent_loss(logp, old, seq_ids, rewards, k, tau)
     loss.backward()
     assert stats.mean_log_ratio == 0.0
+    # old_logp=None: the fused loss takes old = new (detached) and gives the same loss and gradient
+    hk = h.clone().requires_grad_()
+    loss2, stats2 = fused_mirror_descent_loss(hk, w, t, None, seq_ids, rewards, k, tau, impl="triton")
+    assert stats2.mean_log_ratio == 0.0 and abs(loss2.item() - loss.item()) < 1e-6
     adv = rewards - rewards.view(-1, k).mean(1, keepdim=True).expand(-1, k).reshape(-1)
     expect = torch.where(seq_ids >= 0, -adv[seq_ids.clamp(min=0)] / rewards.numel(), 0.0)
     assert torch.allclose(logp.grad, expect, atol=1e-6)
