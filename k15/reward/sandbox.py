@@ -204,7 +204,10 @@ class _Container:
                 if len(self._buf) >= 4 + n:
                     body = bytes(self._buf[4 : 4 + n])
                     del self._buf[: 4 + n]
-                    return json.loads(body.decode("utf-8", "replace"))
+                    try:
+                        return json.loads(body.decode("utf-8", "replace"))
+                    except RecursionError:  # absurdly nested JSON
+                        raise ValueError("sandbox reply nested too deeply") from None
             left = deadline - time.monotonic()
             if left <= 0:
                 raise _Timeout("waiting for the sandbox")
