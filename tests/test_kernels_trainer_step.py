@@ -103,5 +103,7 @@ def test_trainer_step_fused_matches_reference(dtype):
     assert abs(s_f.mean_log_ratio - s_r.mean_log_ratio) < 1e-3
     worst = max((rel(g_f[n], g_r[n]), n) for n in g_r)
     assert worst[0] < tol, worst
+    # after the step the parameters agree to their own rounding (bf16: an update can flip one ulp)
+    ptol = 1e-5 if dtype == torch.float32 else 1e-2
     for (n, p_f), p_r in zip(m_fused.named_parameters(), m_ref.parameters()):
-        assert rel(p_f.detach(), p_r.detach()) < 1e-4, n
+        assert rel(p_f.detach(), p_r.detach()) < ptol, n
