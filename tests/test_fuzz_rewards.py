@@ -84,7 +84,7 @@ def code_responses(seed: int, n: int) -> list[str]:
     out = list(fixed)
     while len(out) < n:
         kind = rng.random()
-        if kind < 0.90:  # prose, maybe with broken fences: never reaches the sandbox
+        if kind < 0.96:  # prose, maybe with broken fences: never reaches the sandbox
             body = rand_text(rng, 300)
             if rng.random() < 0.3:
                 body += "``" + rand_text(rng, 20)

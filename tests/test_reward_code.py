@@ -195,6 +195,23 @@ def test_tests_run_in_isolation_from_each_other(sandbox):
 
 
 @needs_bwrap
+def test_process_limit_counts_threads(sandbox):
+    code = (
+        "import threading, time\n"
+        "n = 0\n"
+        "try:\n"
+        "    for _ in range(10):\n"
+        "        threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); n += 1\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "print(n)\n"
+    )
+    for processes in (2, 4):
+        run = sandbox.run(code, [{"input": ""}], limits=Limits(**{**FAST.__dict__, "processes": processes})).tests[0]
+        assert run.stdout.strip() == str(processes - 1), run  # the main thread is one of them
+
+
+@needs_bwrap
 def test_runs_from_many_threads_at_once(sandbox):
     from concurrent.futures import ThreadPoolExecutor
 

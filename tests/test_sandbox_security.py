@@ -438,6 +438,8 @@ def _sandbox_uid_processes() -> dict[int, int]:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields["State"].split()[0] == "Z":  # dead, waiting for a parent to reap it
+            continue
         if int(fields["Uid"].split()[0]) == DEFAULT_UID:
             out[int(pid)] = int(fields["PPid"])
     return out
@@ -470,6 +472,18 @@ def _leaked(host: Host) -> list[int]:
     return sorted(pid for pid in procs if pid != host.canary.pid and not ours(pid))
 
 
+def _describe(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")[:120].decode(errors="replace")
+            ppid = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+            out.append(f"{pid} (parent {ppid}): {cmd}")
+        except OSError:
+            out.append(f"{pid}: gone")
+    return out
+
+
 def _check_contained(name: str, sb: Sandbox, host: Host) -> None:
     connections = host.connections
     start = time.monotonic()
@@ -486,7 +500,8 @@ def _check_contained(name: str, sb: Sandbox, host: Host) -> None:
     for path in ("/usr/k15_pwned", "/k15_pwned"):
         assert not os.path.exists(path), f"{name} wrote {path}"
     assert elapsed < LIMITS.wall_s + 4.0, f"{name} held the host for {elapsed:.1f}s"
-    assert _leaked(host) == [], f"{name} left processes behind"
+    leaked = _leaked(host)
+    assert leaked == [], f"{name} left processes behind: {_describe(leaked)}"
     # and the same program through the scoring entry point scores 0
     if name in ("memory_bomb_touch", "new_user_namespace", "read_host_canary_file"):
         response = f"```python\n{_program(name)}```"

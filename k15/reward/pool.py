@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter
 
@@ -27,13 +28,16 @@ REASONS_KEY = b"k15.reward.reasons"
 log = logging.getLogger(__name__)
 
 _default_scorer: Scorer | None = None
+_default_lock = threading.Lock()
 
 
 def default_scorer() -> Scorer:
+    """The process-wide Scorer that score_table uses when given none."""
     global _default_scorer
-    if _default_scorer is None:
-        _default_scorer = Scorer()
-    return _default_scorer
+    with _default_lock:
+        if _default_scorer is None:
+            _default_scorer = Scorer()
+        return _default_scorer
 
 
 def _with_reasons(table: pa.Table, reasons: list[str | None]) -> pa.Table:

@@ -59,12 +59,14 @@ class SandboxError(RuntimeError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-test resource limits. Memory is address space (RLIMIT_AS) per process."""
+    """Per-test resource limits. Memory is address space (RLIMIT_AS) per process, so the most one
+    container can hold is about processes x memory_mb plus its tmpfs (2 GiB + 64 MiB by default);
+    processes counts threads too (RLIMIT_NPROC counts tasks)."""
 
     cpu_s: float = 2.0
     wall_s: float = 4.0
     memory_mb: int = 512
-    processes: int = 16
+    processes: int = 4
     file_mb: int = 16  # largest file a program may write, stdout included
     output_kb: int = 1024  # stdout (and a function's result) captured per test
     open_files: int = 256
@@ -506,7 +508,6 @@ class Sandbox:
     @staticmethod
     def _shutdown(cond, warm, reap, thread) -> None:
         with cond:
-            cond.notify_all()
             containers = list(warm) + list(reap)
             warm.clear()
             reap.clear()
@@ -514,12 +515,16 @@ class Sandbox:
             c.kill()
 
     def close(self) -> None:
+        """Kill the warm containers, then stop the threads. In that order: when the spawner thread
+        ends, the kernel SIGKILLs the bwrap processes it started (--die-with-parent) before they
+        can reap their containers, which would leave those to the host's init."""
         with self._cond:
             self._closed = True
+        self._finalizer()
+        with self._cond:
             self._cond.notify_all()
         self._thread.join(timeout=5)
         self._reaper_thread.join(timeout=5)
-        self._finalizer()
 
     def __enter__(self) -> "Sandbox":
         return self

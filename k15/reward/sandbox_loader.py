@@ -86,7 +86,7 @@ def _set_limits(lim):
     hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1 if hard == resource.RLIM_INFINITY else min(cpu + 1, hard)))
     cap(resource.RLIMIT_AS, lim["memory_bytes"])
-    cap(resource.RLIMIT_NPROC, lim["processes"] + 2)  # + the container's init and this loader
+    cap(resource.RLIMIT_NPROC, lim["processes"] + 1)  # + this loader (the container's init)
     cap(resource.RLIMIT_FSIZE, lim["file_bytes"])
     cap(resource.RLIMIT_NOFILE, lim["open_files"])
     cap(resource.RLIMIT_CORE, 0)

@@ -101,7 +101,13 @@ class Scorer:
                 cfg = self.config.sandbox
                 if cfg.prestart < self.config.code_concurrency:  # one warm container per worker
                     cfg = dataclasses.replace(cfg, prestart=self.config.code_concurrency)
-                self._sandbox = Sandbox(cfg)
+                sandbox = Sandbox(cfg)
+                try:  # a sandbox that cannot run anything must fail loudly, not score every program 0
+                    sandbox.selftest()
+                except Exception:
+                    sandbox.close()
+                    raise
+                self._sandbox = sandbox
                 self._pool = ThreadPoolExecutor(self.config.code_concurrency, thread_name_prefix="k15-code")
             return self._sandbox
 
