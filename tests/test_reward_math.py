@@ -100,13 +100,22 @@ def test_works_outside_the_main_thread(verifier):
     assert out and out[0].reward == 1.0
 
 
-def test_worker_memory_is_capped():
+def test_worker_is_confined():
+    """Memory cap, no file writes, and (with libseccomp) the sandbox's syscall filter."""
+    from k15.reward.seccomp import filter_bytes
+
     v = MathVerifier(timeout_s=1.0, memory_mb=300)
     try:
         assert score_math("\\boxed{\\frac{1}{2}}", "0.5", verifier=v).reward == 1.0
-        limits = open(f"/proc/{v._proc.pid}/limits").read()
-        line = next(l for l in limits.splitlines() if l.startswith("Max address space"))
-        assert line.split()[3] == str(300 * 2**20), line
+        limits = open(f"/proc/{v._proc.pid}/limits").read().splitlines()
+        address = next(line for line in limits if line.startswith("Max address space"))
+        assert address.split()[3] == str(300 * 2**20), address
+        size = next(line for line in limits if line.startswith("Max file size"))
+        assert size.split()[3] == "0", size
+        status = dict(line.split(":\t", 1) for line in open(f"/proc/{v._proc.pid}/status").read().splitlines()
+                      if ":\t" in line)
+        if filter_bytes() is not None:
+            assert status["Seccomp"].strip() == "2" and status["NoNewPrivs"].strip() == "1", status
     finally:
         v.close()
 

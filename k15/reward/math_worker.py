@@ -4,7 +4,9 @@ math-verify's own timeouts use signal.alarm, which only works in a process's mai
 checks run in a worker process (`python -m k15.reward.math_worker`), in its main thread, under an
 interval timer of our own; the host also keeps a deadline per answer and kills and restarts the
 worker when a check cannot be interrupted (a long C-level computation in sympy). The worker caps its
-own address space, so an answer like 9^{9^{9^9}} cannot take the host's memory either.
+own address space, so an answer like 9^{9^{9^9}} cannot take the host's memory either; once its
+imports are done it also loads the sandbox's seccomp deny list (no network, namespaces, ptrace...)
+and may not write to files.
 
 Host side: `MathVerifier(timeout_s, memory_mb).verify_many([(gold, answer), ...])` returns a list
 of (equal: bool, reason) with reason in correct | wrong | unparsable_answer | unparsable_gold |
@@ -79,6 +81,13 @@ def worker_main(argv: list[str]) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     signal.signal(signal.SIGALRM, _on_alarm)
     import math_verify  # noqa: F401  (pay the import before saying ready)
+
+    # It parses untrusted text outside the sandbox: no network, no namespaces, no ptrace from here
+    # on (the sandbox's seccomp deny list), and no writing into files.
+    from k15.reward.seccomp import apply_to_self
+
+    apply_to_self()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
 
     out = sys.stdout
     out.write('"ready"\n')
