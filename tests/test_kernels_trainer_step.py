@@ -100,14 +100,24 @@ def test_trainer_step_fused_matches_reference(dtype):
     # gradients flow through the whole network: in bf16 every op of the model's backward rounds, so
     # the kernels' ~2e-3 differences in dHidden can grow a little by the first layers
     tol = 1e-4 if dtype == torch.float32 else 5e-2
-    ptol = 1e-4 if dtype == torch.float32 else 2e-2  # after the step: bf16 updates can flip an ulp
+    ptol = 1e-5 if dtype == torch.float32 else 1e-3  # after the step (bf16: an update can flip an ulp)
+    # Per-parameter errors are taken relative to max(|g_ref|, 1e-3 |all grads|): some gradients are
+    # zero in exact arithmetic (the key-projection bias: softmax ignores a per-query shift), so their
+    # plain relative error would only measure rounding noise.
+    total = torch.sqrt(sum(g.double().pow(2).sum() for g in g_r.values())).item()
+    floor = 1e-3 * total
+
+    def err(a, b):
+        return ((a.double() - b.double()).norm() / max(b.double().norm().item(), floor)).item()
+
     report = {
         "loss": (l_f.item(), l_r.item()),
         "tokens": (s_f.num_tokens, s_r.num_tokens, int((seq >= 0).sum())),
         "mean_log_ratio": (s_f.mean_log_ratio, s_r.mean_log_ratio),
-        "worst_grad": max((rel(g_f[n], g_r[n]), n) for n in g_r),
-        "worst_param": max(
-            (rel(p_f.detach(), p_r.detach()), n) for (n, p_f), p_r in zip(m_fused.named_parameters(), m_ref.parameters())
+        "worst_grad": max((err(g_f[n], g_r[n]), n) for n in g_r),
+        "all_params_after_step": rel(
+            torch.cat([p.detach().double().flatten() for p in m_fused.parameters()]),
+            torch.cat([p.detach().double().flatten() for p in m_ref.parameters()]),
         ),
     }
     print(f"trainer step {dtype}: {report}")  # shown with pytest -s
@@ -115,4 +125,4 @@ def test_trainer_step_fused_matches_reference(dtype):
     assert s_f.num_tokens == s_r.num_tokens == int((seq >= 0).sum()), report
     assert abs(s_f.mean_log_ratio - s_r.mean_log_ratio) < 1e-3 * max(1.0, abs(s_r.mean_log_ratio)), report
     assert report["worst_grad"][0] < tol, report
-    assert report["worst_param"][0] < ptol, report
+    assert report["all_params_after_step"] < ptol, report
