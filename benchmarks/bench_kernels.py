@@ -358,7 +358,7 @@ def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_
     bflops = 2.0 * nc * vs * H
     out["bwd"] = []
     for cfg in bwd_cfgs or BWD_CFGS:
-        for gm, pers in ((16, False), (8, True), (16, True)):  # pers here means: TMA kernel
+        for gm, pers in ((16, False), (8, True), (16, True)):  # pers: the TMA kernel
             BM, BN, BK, wp, st = cfg
             tiles = triton.cdiv(nc, BM) * triton.cdiv(vs, BN)
             args = (hc, ws, tg, lse2, cc, G, nc, vs, H, hc.stride(0), ws.stride(0), G.stride(0), LOG2E)
@@ -374,9 +374,9 @@ def tune(N, H, V, dtype, scale, reps, log, fwd_cfgs=None, bwd_cfgs=None, splits_
                     _grad_logits_kernel[(tiles,)](*args, **meta)
             try:
                 ms = cuda_time(run, reps=max(reps, 5))
-                r = dict(cfg=cfg, group_m=gm, persistent=pers, ms=ms, tflops=bflops / ms / 1e9)
+                r = dict(cfg=cfg, group_m=gm, tma=pers, ms=ms, tflops=bflops / ms / 1e9)
             except Exception as e:  # noqa: BLE001
-                r = dict(cfg=cfg, group_m=gm, persistent=pers, error=f"{type(e).__name__}: {e}"[:200])
+                r = dict(cfg=cfg, group_m=gm, tma=pers, error=f"{type(e).__name__}: {e}"[:200])
             out["bwd"].append(r)
             log(f"[tune] grad-logits block {nc}x{vs}: {json.dumps(r)}")
     L = torch.empty(nc, vs, device=DEVICE, dtype=dtype)

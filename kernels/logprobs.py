@@ -4,16 +4,24 @@
 
 without ever holding the [N, V] logits. The pure-PyTorch specification is kernels/logprobs_ref.py.
 
-Forward (`_fwd_kernel`): one program per (block of BLOCK_M rows, split of the vocabulary). It streams
-the split's vocabulary tiles, computes each [BLOCK_M, BLOCK_N] logits tile with tl.dot (fp32
-accumulation) and folds it into an online log-sum-exp (base 2), the target logit and, optionally,
-sum p*z for the entropy. Per-split partials ([splits, N] floats) are combined on the host side. Cost:
-one GEMM of hidden @ weight.T and no memory beyond a few floats per row.
+Forward (`_fwd_tma_kernel` on Hopper for 16-bit inputs, `_fwd_kernel` with pointer loads otherwise):
+one program per (block of BLOCK_M rows, split of the vocabulary). It streams the split's vocabulary
+tiles, computes each [BLOCK_M, BLOCK_N] logits tile with tl.dot (fp32 accumulation) and folds it into
+an online log-sum-exp (base 2) and, optionally, sum p*z for the entropy; `_target_logit_kernel` gets
+the target logit as a dot product. Per-split partials ([splits, N] floats) are combined on the host.
+Cost: one GEMM of hidden @ weight.T and no memory beyond a few floats per row. Ignored positions
+(negative target / ignore_index) are skipped: rows are gathered through an index (pointer kernel) or
+copied chunk by chunk into a small buffer (TMA kernel).
+
+Defaults (H100, bf16, measured with benchmarks/bench_kernels.py --tune): forward tiles 256x128x64,
+8 warps, 3 stages, 4 vocabulary splits; backward tiles 128x256x64, 8 warps, 3 stages, GROUP_M 16,
+16384-row chunks, 512 MiB scratch. fp32 inputs use smaller tiles and 3xTF32 dots (fp32-accurate).
+Environment overrides for tuning: see `_env_overrides`; K15_KERNELS_PROFILE=1 prints backward phases.
 
 Backward, exact (no gradient filtering). With c_i = dL/dlogp_i / T, the logits gradient is
 G = c * (onehot(t) - softmax). It is split as G = G' + c*(1-p_t)*onehot(t), where G' is G with the
 target entry zeroed. For a chunk of rows and a slice of the vocabulary at a time,
-`_grad_logits_kernel` recomputes the logits tile by tile and writes G' (in the input dtype) to a
+`_grad_logits_(tma_)kernel` recomputes the logits tile by tile and writes G' (input dtype) to a
 bounded scratch block; cuBLAS then does dHidden_chunk += G' @ W_slice (accumulated in fp32 across
 the vocabulary slices) and dWeight_slice += G'^T @ hidden_chunk. The target term, which carries
 most of the gradient's magnitude, is added in fp32 at the end (`_finalize_dh_kernel`,
@@ -279,90 +287,6 @@ def _grad_logits_kernel(
 
 
 @triton.jit
-def _grad_logits_persistent_kernel(
-    h_ptr,
-    w_ptr,
-    tgt_ptr,
-    lse2_ptr,
-    c_ptr,
-    g_ptr,
-    n,
-    Vs,
-    K,
-    stride_hn,
-    stride_wv,
-    stride_gn,
-    scale2,
-    NUM_PROGS,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """Same as _grad_logits_kernel, persistent: NUM_PROGS programs walk the tiles in one flattened
-    (tile, k) loop, so the next tile's loads overlap this tile's epilogue and store."""
-    start = tl.program_id(0)
-    num_pid_m = tl.cdiv(n, BLOCK_M)
-    num_pid_n = tl.cdiv(Vs, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
-    num_pid_in_group = GROUP_M * num_pid_n
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    my_tiles = tl.cdiv(num_tiles - start, NUM_PROGS)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_mb = tl.arange(0, BLOCK_M)
-    offs_nb = tl.arange(0, BLOCK_N)
-
-    tile_id = start - NUM_PROGS
-    ki = -1
-    offs_m = offs_mb
-    offs_n = offs_nb
-    rows = tl.minimum(offs_m, n - 1).to(tl.int64)
-    cols = tl.minimum(offs_n, Vs - 1).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for _ in range(0, k_tiles * my_tiles):
-        ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
-        if ki == 0:
-            tile_id += NUM_PROGS
-            group_id = tile_id // num_pid_in_group
-            first_pid_m = group_id * GROUP_M
-            group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-            pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
-            pid_n = (tile_id % num_pid_in_group) // group_size_m
-            offs_m = pid_m * BLOCK_M + offs_mb
-            offs_n = pid_n * BLOCK_N + offs_nb
-            rows = tl.minimum(offs_m, n - 1).to(tl.int64)
-            cols = tl.minimum(offs_n, Vs - 1).to(tl.int64)
-        k = ki * BLOCK_K
-        a_ptrs = h_ptr + rows[:, None] * stride_hn + (k + offs_k)[None, :]
-        b_ptrs = w_ptr + cols[None, :] * stride_wv + (k + offs_k)[:, None]
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            kmask = (offs_k + k) < K
-            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if ki == k_tiles - 1:
-            lse2 = tl.load(lse2_ptr + rows)
-            c = tl.load(c_ptr + rows)
-            tgt = tl.load(tgt_ptr + rows)
-            p = tl.exp2(acc * scale2 - lse2[:, None])
-            g = -c[:, None] * p
-            g = tl.where(offs_n[None, :] == tgt[:, None], 0.0, g)
-            mask = (offs_m < n)[:, None] & (offs_n < Vs)[None, :]
-            g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gn + offs_n[None, :]
-            tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-
-
-@triton.jit
 def _grad_logits_tma_kernel(
     h_desc,
     w_desc,
@@ -491,7 +415,6 @@ class Config:
         fwd=(256, 128, 64, 8, 3),  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
         bwd=(128, 256, 64, 8, 3),
         group_m=16,
-        persistent=False,  # persistent grad-logits kernel (slow on Triton 3.6: kept for tuning)
         tma=True,  # TMA (tensor-descriptor) loads where possible (CUDA, 16-bit, K % 8 == 0)
         splits=None,  # vocabulary splits of the forward; None: chosen from the grid size
         chunk_rows=16384,  # rows per backward chunk
@@ -500,7 +423,6 @@ class Config:
         self.fwd = fwd
         self.bwd = bwd
         self.group_m = group_m
-        self.persistent = persistent
         self.tma = tma
         self.splits = splits
         self.chunk_rows = chunk_rows
@@ -858,9 +780,6 @@ def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, n
                 _grad_logits_tma_kernel[(tiles,)](
                     _desc(h_c, (BM, BK)), _desc(weight[v0:v1], (BN, BK)), *args[2:9], g.stride(0), scale2,
                     BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg.group_m, num_warps=warps, num_stages=stages)
-            elif cfg.persistent:
-                progs = min(tiles, _num_sms(dev))
-                _grad_logits_persistent_kernel[(progs,)](*args, progs, **meta)
             else:
                 _grad_logits_kernel[(tiles,)](*args, **meta)
             prof.mark("grad-logits")

@@ -70,7 +70,7 @@ def make_inputs(N, V, H, dtype, scale=3.0, ignore_frac=0.2, seed=None):
     return h.to(DEV), w.to(DEV), t.to(DEV), g.to(DEV)
 
 
-def small_config(chunk_rows, scratch_bytes, persistent=False, dtype=torch.float32, tma=None):
+def small_config(chunk_rows, scratch_bytes, dtype=torch.float32, tma=None):
     from k15.kernels.logprobs import Config, _default_config
 
     base = _default_config(DEV, dtype)
@@ -78,7 +78,6 @@ def small_config(chunk_rows, scratch_bytes, persistent=False, dtype=torch.float3
         fwd=base.fwd,
         bwd=base.bwd,
         group_m=base.group_m,
-        persistent=persistent,
         tma=base.tma if tma is None else tma,
         splits=3,
         chunk_rows=chunk_rows,
@@ -114,13 +113,13 @@ def test_logprobs_ragged_vocab_ignored(dtype):
     check_logprobs(N=70, V=300, H=80, dtype=dtype, temperature=0.7)
 
 
-@pytest.mark.parametrize("ignore_frac,persistent", [(0.0, False), (0.3, True)])
-def test_logprobs_chunked_backward(ignore_frac, persistent):
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.3])
+def test_logprobs_chunked_backward(ignore_frac):
     # tiny chunks and scratch: several row chunks (dWeight accumulated across them), several
     # vocabulary slices (dHidden accumulated across them), a ragged last slice; with ignored rows
     # the valid rows are gathered chunk by chunk, without them the chunks are views
     elt = 4
-    cfg = small_config(chunk_rows=24, scratch_bytes=24 * 64 * elt + 24 * 48 * 4 + 24 * 48 * elt, persistent=persistent)
+    cfg = small_config(chunk_rows=24, scratch_bytes=24 * 64 * elt + 24 * 48 * 4 + 24 * 48 * elt)
     check_logprobs(N=61, V=200, H=48, dtype=torch.float32, temperature=1.3, config=cfg, ignore_frac=ignore_frac)
 
 
@@ -276,9 +275,10 @@ def test_cuda_logprobs_medium(dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("persistent", [False, True])
-def test_cuda_logprobs_chunked_2d_backward(persistent):
-    cfg = small_config(512, 512 * 1024 * 2 + 512 * 256 * 4, persistent=persistent, dtype=torch.bfloat16)
+@pytest.mark.parametrize("tma", [False, True])
+def test_cuda_logprobs_chunked_2d_backward(tma):
+    # pointer and TMA kernels; 4 row chunks, several vocabulary slices and a ragged last one
+    cfg = small_config(512, 512 * 1024 * 2 + 512 * 256 * 4, dtype=torch.bfloat16, tma=tma)
     check_logprobs(N=2000, V=7001, H=256, dtype=torch.bfloat16, config=cfg, scale=6.0)
 
 
