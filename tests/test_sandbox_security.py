@@ -146,17 +146,22 @@ if got_root or out.strip() == "0" or os.geteuid() == 0:
 """, "flag"),
     "fork_bomb": ("""
 n = 0
-try:
-    while n < 10000:
-        if os.fork() == 0:
-            while True:
-                try: os.fork()
-                except OSError: pass
-        n += 1
-except OSError:
-    pass
-if n >= 100:
+for _ in range(200):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:  # every child forks forever
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+    n += 1
+if n >= 100:  # more processes than the limit allows: say so and leave at once
     print("ESCAPED")
+sys.stdout.flush()
+os._exit(0)
 """, "flag"),
     "thread_bomb": ("""
 import threading, time
@@ -446,30 +451,26 @@ def _sandbox_uid_processes() -> dict[int, int]:
 
 
 def _leaked(host: Host) -> list[int]:
-    """Processes of the sandbox uid that do not descend from this test process.
+    """Processes of the sandbox uid that are not part of a live container.
 
-    Live containers (warm ones, one being started) are our descendants; a process that got out of
-    its container's PID namespace would outlive it and be re-parented away from us.
+    A container is an outer bwrap process (started by a sandbox's spawner, here or in another
+    process) and the tree below it, all of the sandbox uid. A process that got out of its
+    container's PID namespace would outlive it and hang off some other parent (the host's init).
     """
     procs = _sandbox_uid_processes()
-    me = os.getpid()
-
-    def ours(pid: int) -> bool:
-        for _ in range(64):
-            ppid = procs.get(pid)
-            if ppid is None:  # not a sandbox-uid process: ask the kernel for its parent
-                try:
-                    ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    return False
-            if ppid == me:
-                return True
-            if ppid <= 1:
-                return False
-            pid = ppid
-        return False
-
-    return sorted(pid for pid in procs if pid != host.canary.pid and not ours(pid))
+    leaked = []
+    for pid, ppid in procs.items():
+        if pid == host.canary.pid or ppid in procs:
+            continue
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue  # gone meanwhile
+        if cmdline == b"":  # no address space left: exiting (a program blanking its argv reads b"\0...")
+            continue
+        if os.path.basename(cmdline.split(b"\0")[0]) != b"bwrap":
+            leaked.append(pid)
+    return sorted(leaked)
 
 
 def _describe(pids: list[int]) -> list[str]:
