@@ -463,15 +463,20 @@ def _default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -
     return Config(**_env_overrides())
 
 
-def _use_tma(cfg: Config, x: torch.Tensor) -> bool:
+def _tma_aligned(*xs: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned base addresses and row strides."""
+    return all(x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0 for x in xs)
+
+
+def _use_tma(cfg: Config, x: torch.Tensor, w: torch.Tensor) -> bool:
+    ok = x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 8 == 0 and _tma_aligned(x, w)
     if cfg.tma == "force":  # tests: the TMA kernels also run under the interpreter (fp16 there)
-        return x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 8 == 0
+        return ok
     return (
-        cfg.tma
+        ok
+        and bool(cfg.tma)
         and x.is_cuda
         and not _interpret()
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and x.shape[1] % 8 == 0
         and torch.cuda.get_device_capability(x.device)[0] >= 9
     )
 
@@ -529,6 +534,11 @@ def _check_inputs(hidden, weight, targets):
         raise ValueError("hidden, weight and targets must be on the same device")
 
 
+def _check_temperature(temperature: float):
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
 def _contig_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -538,10 +548,13 @@ def _contig_rows(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _valid_rows(targets: torch.Tensor, ignore_index: int):
+def _valid_rows(targets: torch.Tensor, ignore_index: int, V: int):
     """(rows or None, compact targets int32). rows is None when every position is valid."""
     ign = ignored_mask(targets, ignore_index)
-    if not bool(ign.any()):
+    any_ignored, out_of_range = torch.stack([ign.any(), (targets >= V).any()]).tolist()  # one sync
+    if out_of_range:
+        raise ValueError(f"targets must be < vocabulary size {V} (or negative / ignore_index to ignore)")
+    if not any_ignored:
         return None, targets.to(torch.int32)
     rows = (~ign).nonzero().squeeze(1)
     return rows, targets[rows].to(torch.int32)
@@ -576,7 +589,7 @@ def _forward(hidden, weight, tgt_c, rows, temperature, entropy, cfg: Config):
     m_p, s_p = part[0], part[1]
     e_p = part[2] if entropy else part[0]
     rows_arg = rows if rows is not None else tgt_c
-    if _use_tma(cfg, hidden):
+    if _use_tma(cfg, hidden, weight):
         w_desc = _desc(weight, (BN, BK))
         # gathered rows: TMA cannot gather, so copy valid rows chunk by chunk into a small buffer
         step = n if rows is None else min(n, cfg.chunk_rows)
@@ -681,9 +694,10 @@ def logprobs_forward(
 ):
     """Forward only (no autograd, nothing saved): logp [N] fp32 (and entropy [N] fp32)."""
     _check_inputs(hidden, weight, targets)
+    _check_temperature(temperature)
     cfg = config or _default_config(hidden.device, hidden.dtype)
     hidden, weight = _contig_rows(hidden), _contig_rows(weight)
-    rows, tgt_c = _valid_rows(targets, ignore_index)
+    rows, tgt_c = _valid_rows(targets, ignore_index, weight.shape[0])
     lse2, t2, e2 = _forward(hidden, weight, tgt_c, rows, temperature, return_entropy, cfg)
     logp = _scatter((t2 - lse2) * LN2, rows, targets.numel())
     if not return_entropy:
@@ -751,7 +765,8 @@ def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, n
     acc_buf = torch.empty((chunk, K), device=dev, dtype=torch.float32) if need_dh else None
     gath_buf = torch.empty((chunk, K), device=dev, dtype=dtype) if rows is not None else None
     upcast = _interpret() and dtype != torch.float32
-    tma = _use_tma(cfg, hidden)
+    # (gathered chunks live in a fresh buffer: aligned; contiguous chunks are row slices of hidden)
+    tma = _use_tma(cfg, hidden, weight)
     prof = _Prof(f"backward n={n} V={V} K={K} chunk={chunk} slice={vs}")
     prof.mark("start")
 
@@ -858,9 +873,10 @@ class FusedLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, return_entropy, config):
         _check_inputs(hidden, weight, targets)
+        _check_temperature(temperature)
         cfg = config or _default_config(hidden.device, hidden.dtype)
         hidden, weight = _contig_rows(hidden), _contig_rows(weight)
-        rows, tgt_c = _valid_rows(targets, ignore_index)
+        rows, tgt_c = _valid_rows(targets, ignore_index, weight.shape[0])
         lse2, t2, e2 = _forward(hidden, weight, tgt_c, rows, temperature, return_entropy, cfg)
         N = targets.numel()
         logp = _scatter((t2 - lse2) * LN2, rows, N)
