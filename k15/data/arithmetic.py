@@ -30,13 +30,16 @@ class Problem:
                 "difficulty": self.difficulty, "task": self.task}
 
 
-def make_problem(rng: random.Random, prompt_id: str, min_ops: int, max_ops: int, max_operand: int) -> Problem:
+def make_problem(rng: random.Random, prompt_id: str, min_ops: int, max_ops: int, max_value: int) -> Problem:
+    """A chain of `min_ops..max_ops` additions and subtractions of positive operands whose running
+    value stays within [0, max_value], so every step of the worked solution is a small fact."""
     num_ops = rng.randint(min_ops, max_ops)
-    value = rng.randint(1, max_operand)
+    value = rng.randint(1, max_value)
     operands, ops = [value], []
     for _ in range(num_ops):
-        x = rng.randint(1, max_operand)
-        op = "-" if (rng.random() < 0.5 and x <= value) else "+"
+        can_add, can_sub = value < max_value, value > 0
+        op = "+" if (can_add and (not can_sub or rng.random() < 0.5)) else "-"
+        x = rng.randint(1, max_value - value) if op == "+" else rng.randint(1, value)
         value = value + x if op == "+" else value - x
         operands.append(x)
         ops.append(op)
@@ -46,23 +49,27 @@ def make_problem(rng: random.Random, prompt_id: str, min_ops: int, max_ops: int,
 
 
 def worked_solution(p: Problem) -> str:
-    """The chain of thought: one step per operation, then the boxed answer."""
-    steps, value = [], p.operands[0]
-    for op, x in zip(p.ops, p.operands[1:]):
-        new = value + x if op == "+" else value - x
-        steps.append(f"{value}{op}{x}={new}")
-        value = new
-    return " " + ", ".join(steps) + "." + ANSWER_TEMPLATE.format(value=value)
+    """The chain of thought: reduce the leftmost operation, rewrite the rest, until one number is left
+    ("7+3-5+9=10-5+9=5+9=14."), then the boxed answer. Each step only looks at the step before it."""
+    values, ops = list(p.operands), list(p.ops)
+    steps = []
+    while ops:
+        a, op, b = values[0], ops[0], values[1]
+        values = [a + b if op == "+" else a - b] + values[2:]
+        ops = ops[1:]
+        steps.append(str(values[0]) + "".join(f"{o}{x}" for o, x in zip(ops, values[1:])))
+    expr = str(p.operands[0]) + "".join(f"{o}{x}" for o, x in zip(p.ops, p.operands[1:]))
+    return " " + "=".join([expr] + steps) + "." + ANSWER_TEMPLATE.format(value=values[0])
 
 
 def direct_solution(p: Problem) -> str:
     return ANSWER_TEMPLATE.format(value=p.answer)
 
 
-def generate_problems(n: int, seed: int, min_ops: int = 2, max_ops: int = 4, max_operand: int = 9,
+def generate_problems(n: int, seed: int, min_ops: int = 2, max_ops: int = 5, max_value: int = 9,
                       prefix: str = "arith") -> list[Problem]:
     rng = random.Random(seed)
-    return [make_problem(rng, f"{prefix}-{seed}-{i}", min_ops, max_ops, max_operand) for i in range(n)]
+    return [make_problem(rng, f"{prefix}-{seed}-{i}", min_ops, max_ops, max_value) for i in range(n)]
 
 
 def split_disjoint(train: list[Problem], held_out: list[Problem]) -> list[Problem]:

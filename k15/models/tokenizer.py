@@ -24,7 +24,7 @@ def build_tokenizer(vocab_size: int = 384, seed: int = 0):
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    problems = generate_problems(20000, seed=seed, min_ops=1, max_ops=8, max_operand=99)
+    problems = generate_problems(20000, seed=seed, min_ops=1, max_ops=8, max_value=99)
     rng = random.Random(seed)
     corpus = [p.prompt + (worked_solution(p) if rng.random() < 0.5 else direct_solution(p)) for p in problems]
     trainer = trainers.BpeTrainer(
