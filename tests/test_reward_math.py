@@ -125,3 +125,33 @@ def test_bad_config_names_the_field():
         MathVerifier(timeout_s=0)
     with pytest.raises(ValueError, match="memory_mb"):
         MathVerifier(memory_mb=-1)
+
+
+def test_a_hung_worker_cannot_block_a_large_batch():
+    """The worker hangs (stopped outright, as in a C-level computation no timer can interrupt) while
+    the batch is bigger than a pipe buffer: the host must neither block on its write nor lose the
+    other answers."""
+    import os
+    import signal
+
+    v = MathVerifier(timeout_s=0.5)
+    assert v.verify("1", "1") == (True, "correct")
+    stopped = v._proc.pid
+    try:
+        os.kill(stopped, signal.SIGSTOP)
+        long_half = "\\frac{1}{2}" + "\\," * 450  # 911 characters of thin spaces, equals 1/2
+        pairs = [("\\boxed{\\frac{1}{2}}", "0.5")] + [("\\boxed{" + long_half + "}", "0.5")] * 100
+        out = []
+        t = threading.Thread(target=lambda: out.append(score_math_many(pairs, verifier=v)), daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "verify_many blocked on a hung worker"
+        results = out[0]
+        assert results[0].reason == "timeout" and v.restarts == 1
+        assert len(results) == 101 and all(r.reason == "correct" for r in results[1:]), results[:3]
+    finally:
+        try:
+            os.kill(stopped, signal.SIGKILL)  # unblocks a blocked writer, so close() can take the lock
+        except ProcessLookupError:
+            pass
+        v.close()

@@ -26,7 +26,10 @@ import threading
 import time
 from functools import lru_cache
 
-_CHUNK = 64  # requests in flight; small enough that neither pipe buffer can fill up
+# Requests in flight. The worker has read everything before a chunk is sent, so a chunk that fits
+# in the pipe's buffer never blocks the write, even if the worker then hangs on its first request.
+_CHUNK = 64
+_CHUNK_BYTES = 60_000
 _START_TIMEOUT_S = 120.0  # importing sympy on a slow, busy machine
 _GRACE_S = 2.0  # host deadline beyond the worker's own timer
 
@@ -160,12 +163,13 @@ class MathVerifier:
 
     def _readline(self, deadline: float) -> bytes | None:
         fd = self._proc.stdout.fileno()
+        poller = select.poll()  # not select(): a Ray worker can have descriptors past FD_SETSIZE
+        poller.register(fd, select.POLLIN)
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
+            if not poller.poll(max(0, int(left * 1000))):
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
@@ -186,10 +190,13 @@ class MathVerifier:
             while i < len(pairs):
                 if self._proc is None:
                     self._start()
-                chunk = pairs[i : i + _CHUNK]
-                data = b"".join(
-                    json.dumps({"gold": g, "answer": a}).encode() + b"\n" for g, a in chunk
-                )
+                lines = []  # at most _CHUNK requests and _CHUNK_BYTES (but at least one request)
+                for g, a in pairs[i : i + _CHUNK]:
+                    line = json.dumps({"gold": g, "answer": a}).encode() + b"\n"
+                    if lines and sum(map(len, lines)) + len(line) > _CHUNK_BYTES:
+                        break
+                    lines.append(line)
+                chunk, data = pairs[i : i + len(lines)], b"".join(lines)
                 try:
                     self._proc.stdin.write(data)
                 except (BrokenPipeError, OSError):

@@ -179,6 +179,14 @@ class _Container:
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
         self._buf = bytearray()
+        os.set_blocking(proc.stdin.fileno(), False)  # a stalled reader must not block a write
+
+    @staticmethod
+    def _wait_fd(fd: int, events: int, timeout_s: float) -> bool:
+        """poll(), not select(): a Ray worker can have descriptors past FD_SETSIZE."""
+        p = select.poll()
+        p.register(fd, events)
+        return bool(p.poll(max(0, int(timeout_s * 1000))))
 
     def send(self, obj, deadline: float) -> None:
         body = json.dumps(obj).encode("utf-8", "surrogatepass")
@@ -188,12 +196,13 @@ class _Container:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise _Timeout("sending to the sandbox")
-            _, w, _ = select.select([], [fd], [], left)
-            if not w:
+            if not self._wait_fd(fd, select.POLLOUT, left):
                 continue
             try:
                 n = os.write(fd, data[: 1 << 16])
-            except (BrokenPipeError, OSError) as e:
+            except BlockingIOError:
+                continue
+            except OSError as e:  # EPIPE: the container is gone
                 raise _Closed(str(e)) from None
             data = data[n:]
 
@@ -214,8 +223,7 @@ class _Container:
             if left <= 0:
                 raise _Timeout("waiting for the sandbox")
             fd = self.proc.stdout.fileno()
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
+            if not self._wait_fd(fd, select.POLLIN, left):
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
@@ -225,10 +233,7 @@ class _Container:
     def stderr_tail(self, limit: int = 2000) -> str:
         fd = self.proc.stderr.fileno()
         out = b""
-        while len(out) < 1 << 16:
-            r, _, _ = select.select([fd], [], [], 0)
-            if not r:
-                break
+        while len(out) < 1 << 16 and self._wait_fd(fd, select.POLLIN, 0):
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 break
