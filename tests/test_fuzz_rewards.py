@@ -185,9 +185,10 @@ def test_fuzz_garbage_where_loader_replies_are_expected():
                 b"\x00\x01\x86\xa0" + b"[" * 100000]
     for data in streams:
         proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
-        proc.stdin.write(data)
-        proc.stdin.close()
         c = _Container(proc)
+        os.set_blocking(proc.stdin.fileno(), True)
+        proc.stdin.write(data)  # cat echoes the garbage where the loader's frames should be
+        proc.stdin.close()
         start = time.monotonic()
         try:
             for _ in range(4):
