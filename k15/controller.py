@@ -1,0 +1,238 @@
+"""The master (paper 2.6): runs RL iterations over Ray actors.
+
+    warm up -> publish weights -> evaluate
+    for each iteration:
+        keep rollout actors busy (fresh prompts x k, plus unfinished segments to resume),
+            within the staleness bound; scored samples land in the replay buffer
+        take complete groups of k from the buffer
+        trainer: old log-probs, mirror-descent step(s)  (rollouts go on meanwhile)
+        publish the new weights to every rollout actor
+    evaluate, summarise
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+from omegaconf import OmegaConf
+
+from k15.algo.sampler import UniformSampler
+from k15.buffer import ReplayBuffer
+from k15.data import arithmetic
+from k15.data.dataset import load_datasets
+from k15.evaluate import evaluate, fresh_rows
+from k15.metrics import RunLogger, console
+from k15.models import load_policy_tokenizer
+from k15.reward.pool import RewardPool
+from k15.rollout.actor import RolloutActor
+from k15.rollout.engine import SamplingParams
+from k15.schema import SEGMENT_SCHEMA
+from k15.sync.broadcast import new_group_info
+from k15.trainer.trainer import Trainer
+
+
+def init_ray(cluster_cfg, cpus_needed: int) -> None:
+    if ray.is_initialized():
+        return
+    address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        num_cpus = cluster_cfg.num_cpus or max(os.cpu_count() or 1, cpus_needed)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+class Controller:
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.algo, self.rcfg = cfg.algo, cfg.rollout
+        self.k = cfg.algo.samples_per_prompt
+        self.tokenizer = load_policy_tokenizer(cfg.model)
+        self.train_set, self.eval_set = load_datasets(cfg.data, cfg.seed)
+        self.train_tokens = [self.tokenizer(r["prompt"])["input_ids"] for r in self.train_set]
+        self.eval_tokens = [self.tokenizer(r["prompt"])["input_ids"] for r in self.eval_set]
+        self.sampler = UniformSampler(len(self.train_set), cfg.seed)
+        self.logger = RunLogger(self.run_dir, OmegaConf.to_container(cfg), cfg.logger.backend,
+                                cfg.logger.project, cfg.logger.mode)
+
+        n = self.rcfg.num_workers
+        init_ray(cfg.cluster, cpus_needed=1 + n)
+        tokenizer_dir = cfg.model.tokenizer or cfg.model.path
+        self.buffer = ReplayBuffer.remote(self.k)
+        self.reward_pool = RewardPool(cfg.cluster.reward_workers, tokenizer_dir, self.rcfg.repeat_penalty)
+        self.trainer = Trainer.options(num_cpus=1).remote(cfg.model, cfg.trainer, cfg.algo, self.rcfg.temperature,
+                                                          cfg.seed, cfg.trainer.device)
+        self.rollouts = [RolloutActor.options(num_cpus=1).remote(cfg.model, cfg.seed, self.rcfg.num_threads,
+                                                                 self.rcfg.device) for _ in range(n)]
+        info = new_group_info(world_size=1 + n)
+        bucket = self.rcfg.bucket_mb << 20
+        ray.get([self.trainer.init_sync.remote(info, bucket)]
+                + [a.init_sync.remote(info, i + 1, bucket) for i, a in enumerate(self.rollouts)])
+        self.weight_meta = ray.get(self.trainer.weight_meta.remote())
+        self.version = 0
+        self.waves_launched = 0  # one wave = one rollout call on one actor
+        self.inflight: dict[ray.ObjectRef, int] = {}  # buffer.add ref -> actor index
+        self.draws = 0
+
+    # -- the paper's loop ---------------------------------------------------------------------
+    def run(self) -> dict:
+        summary = {"run_dir": str(self.run_dir)}
+        summary.update(self.warmup())
+        self.publish_weights()
+        if self.cfg.eval_before:
+            summary["accuracy_before"] = self.evaluate(iteration=0)["eval_accuracy"]
+        start = time.perf_counter()
+        for it in range(1, self.algo.num_iters + 1):
+            t0 = time.perf_counter()
+            batch = self.collect_groups(it)
+            t1 = time.perf_counter()
+            train = self.wait_keeping_rollouts_busy(self.trainer.train_iteration.remote(batch), it)
+            t2 = time.perf_counter()
+            self.publish_weights(version=train["version"])
+            t3 = time.perf_counter()
+            metrics = {"iter": it, **batch_metrics(batch), **train, "wait_seconds": t1 - t0,
+                       "sync_seconds": t3 - t2, "iter_seconds": t3 - t0,
+                       "tokens_per_s": train["trained_tokens"] / max(t3 - t0, 1e-9)}
+            self.logger.log(metrics, step=it)
+            console.print(self.logger.iteration_line(metrics))
+        self.drain()
+        summary["rl_seconds"] = time.perf_counter() - start
+        summary["trained_samples"] = self.algo.num_iters * self.algo.prompts_per_iter * self.k
+        if self.cfg.eval_after:
+            summary["accuracy_after"] = self.evaluate(iteration=self.algo.num_iters)["eval_accuracy"]
+        summary["buffer"] = ray.get(self.buffer.stats.remote())
+        return summary
+
+    # -- phases -------------------------------------------------------------------------------
+    def warmup(self) -> dict:
+        """Supervised warm-up on worked solutions of the built-in task (the paper's long-CoT SFT,
+        scaled down). A mix of direct answers and worked solutions, as a base model might write."""
+        tcfg = self.cfg.trainer
+        if tcfg.warmup_steps <= 0 or self.cfg.data.source != "builtin":
+            return {}
+        rng = random.Random(self.cfg.seed)
+        problems, _ = _builtin_problems(self.cfg)
+        examples = []
+        for p in problems:
+            solution = (arithmetic.worked_solution(p) if rng.random() < self.cfg.data.cot_fraction
+                        else arithmetic.direct_solution(p))
+            examples.append((self.tokenizer(p.prompt)["input_ids"],
+                             self.tokenizer(solution)["input_ids"] + [self.tokenizer.eos_token_id]))
+        console.print(f"warm-up: {tcfg.warmup_steps} SFT steps on {len(examples)} worked examples")
+        out = ray.get(self.trainer.warmup.remote(examples, tcfg.warmup_steps, tcfg.warmup_batch_size,
+                                                 tcfg.warmup_lr, tcfg.warmup_threads))
+        console.print(f"warm-up done in {out['warmup_seconds']:.1f}s, loss {out['warmup_loss']:.3f}")
+        self.logger.log(out)
+        return out
+
+    def publish_weights(self, version: int = 0) -> None:
+        """Bucketed broadcast from the trainer into every rollout actor; the actors swap the new
+        weights in between decoding steps, even in the middle of a rollout."""
+        ray.get([self.trainer.publish.remote()]
+                + [a.receive_weights.remote(self.weight_meta, version) for a in self.rollouts])
+        self.version = version
+
+    def evaluate(self, iteration: int) -> dict:
+        self.drain()  # held-out numbers come from the current weights only
+        out = evaluate(self.rollouts, self.reward_pool, self.eval_set, self.eval_tokens, self.rcfg.max_response_tokens)
+        self.logger.log({"iter": iteration, **out}, step=iteration)
+        console.print(f"held-out accuracy at iteration {iteration}: {out['eval_accuracy']:.3f} on "
+                      f"{out['eval_problems']} problems (greedy), mean length {out['eval_mean_length']:.1f}")
+        return out
+
+    # -- rollouts -----------------------------------------------------------------------------
+    def collect_groups(self, it: int) -> pa.Table:
+        """Keep rollouts going until the buffer holds this iteration's groups, then take them."""
+        need = self.algo.prompts_per_iter
+        while True:
+            self.launch_waves(it)
+            if ray.get(self.buffer.num_ready_groups.remote()) >= need:
+                break
+            if not self.inflight:  # partial rollouts left groups incomplete: resume them now
+                self.launch_wave(0, it, fresh=True)
+            self._wait_one()
+        if not self.rcfg.overlap:
+            self.drain()  # strictly alternate: no rollout runs while the trainer steps
+        return ray.get(self.buffer.take_groups.remote(need))
+
+    def wait_keeping_rollouts_busy(self, ref, it: int):
+        """Wait for `ref` (a training step) while idle rollout actors start new waves."""
+        while True:
+            if self.rcfg.overlap:
+                self.launch_waves(it)
+            ready, _ = ray.wait([ref] + list(self.inflight), num_returns=1)
+            if ref in ready:
+                return ray.get(ref)
+            self._finish(ready)
+
+    def launch_waves(self, it: int) -> None:
+        """Start a wave on every idle actor while the staleness bound allows: wave w serves
+        iteration w // num_workers + 1 and may start once the trainer's version is at least that
+        iteration - 1 - max_staleness."""
+        n = len(self.rollouts)
+        lead = self.rcfg.max_staleness if self.rcfg.overlap else 0
+        busy = set(self.inflight.values())
+        for i in range(n):
+            if i in busy:
+                continue
+            serves = self.waves_launched // n + 1
+            if serves - 1 > self.version + lead:
+                return
+            self.launch_wave(i, it, fresh=True)
+
+    def launch_wave(self, actor_index: int, it: int, fresh: bool) -> None:
+        """One rollout call: unfinished segments first (partial rollouts resume with the newest
+        weights), then fresh prompts x k to fill the wave to its share of an iteration."""
+        n = len(self.rollouts)
+        resume = ray.get(self.buffer.take_unfinished.remote())
+        per_actor = -(-self.algo.prompts_per_iter // n)
+        num_fresh = max(0, per_actor - resume.num_rows // self.k) if fresh else 0
+        picks = self.sampler.sample(num_fresh) if num_fresh else []
+        self.draws += 1
+        rows = fresh_rows([self.train_set[i] for i in picks], [self.train_tokens[i] for i in picks], self.k,
+                          id_suffix=f"@{self.draws}")
+        table = pa.concat_tables([resume, pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA)])
+        params = SamplingParams(temperature=self.rcfg.temperature, top_p=self.rcfg.top_p,
+                                max_response_tokens=self.rcfg.max_response_tokens, token_budget=self.rcfg.token_budget,
+                                repeat_ngram=self.rcfg.repeat_ngram, repeat_times=self.rcfg.repeat_times,
+                                seed=self.cfg.seed * 1_000_003 + self.waves_launched)
+        generated = self.rollouts[actor_index].rollout.remote(table, params)
+        added = self.buffer.add.remote(self.reward_pool.score(generated))
+        self.inflight[added] = actor_index
+        self.waves_launched += 1
+
+    def _wait_one(self) -> None:
+        ready, _ = ray.wait(list(self.inflight), num_returns=1)
+        self._finish(ready)
+
+    def _finish(self, refs) -> None:
+        for ref in refs:
+            self.inflight.pop(ref, None)
+            ray.get(ref)  # surfaces an actor's error here
+
+    def drain(self) -> None:
+        while self.inflight:
+            self._wait_one()
+
+
+def _builtin_problems(cfg):
+    from k15.data.dataset import builtin_problems
+
+    return builtin_problems(cfg.data, cfg.seed)
+
+
+def batch_metrics(batch: pa.Table) -> dict:
+    rewards = np.array(batch["reward"].to_pylist(), dtype=float)
+    lengths = np.array(batch["length"].to_pylist(), dtype=float)
+    reasons = batch["finish_reason"].to_pylist()
+    return {"reward": float(rewards.mean()), "accuracy": float((rewards >= 1.0).mean()),
+            "mean_length": float(lengths.mean()), "p95_length": float(np.percentile(lengths, 95)),
+            "repeat_fraction": reasons.count("repeat") / len(reasons),
+            "truncated_fraction": reasons.count("length") / len(reasons),
+            "resumed_fraction": float(np.mean(np.array(batch["num_segments"].to_pylist()) > 1))}

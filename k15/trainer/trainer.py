@@ -1,0 +1,154 @@
+"""The trainer actor: supervised warm-up, one mirror-descent iteration at a time, weight publishing.
+
+Each iteration keeps the weights it starts from as the reference pi_theta_i: old log-probs come
+from the same function as the new ones (Delta_j = 0 at the first step), and the optimizer state is
+reset, as the paper prescribes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from k15.algo.loss import mirror_descent_loss
+from k15.trainer.logprobs import pad_batch, token_logprobs
+
+
+@ray.remote
+class Trainer:
+    def __init__(self, model_cfg, trainer_cfg, algo_cfg, temperature: float, seed: int, device: str = "cpu"):
+        from k15.models import load_policy, load_policy_tokenizer
+
+        torch.manual_seed(seed)
+        torch.set_num_threads(trainer_cfg.num_threads)
+        self.cfg, self.algo, self.temperature = trainer_cfg, algo_cfg, temperature
+        self.tokenizer = load_policy_tokenizer(model_cfg)
+        self.model = load_policy(model_cfg, self.tokenizer, seed).to(device)
+        self.device = torch.device(device)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.version = 0
+        self.sender = None
+        self.rng = random.Random(seed)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    # -- weights -----------------------------------------------------------------------------
+    def weight_meta(self):
+        from k15.sync.broadcast import meta_of
+
+        return meta_of(self.model.named_parameters())
+
+    def init_sync(self, info, bucket_bytes: int) -> None:
+        from k15.sync.broadcast import WeightSender
+
+        self.sender = WeightSender(info, bucket_bytes)
+
+    def publish(self) -> dict:
+        """Broadcast the current weights to every rollout actor (they call receive_weights)."""
+        start = time.perf_counter()
+        sent = self.sender.send(self.model.named_parameters())
+        return {"version": self.version, "bytes": sent, "seconds": time.perf_counter() - start}
+
+    def save(self, path: str) -> str:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    # -- supervised warm-up ------------------------------------------------------------------
+    def warmup(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, lr: float,
+               num_threads: int) -> dict:
+        """Next-token cross-entropy on response tokens of worked examples (the long-CoT warm-up)."""
+        from tqdm import tqdm
+
+        torch.set_num_threads(num_threads)
+        self.model.train()
+        opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+        warm = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        losses, start = [], time.perf_counter()
+        for _ in tqdm(range(steps), desc="warm-up (SFT)", mininterval=2.0, leave=False):
+            batch = [examples[self.rng.randrange(len(examples))] for _ in range(batch_size)]
+            ids, att, resp = pad_batch([p for p, _ in batch], [r for _, r in batch], self.pad_id)
+            logp = token_logprobs(self.model, ids.to(self.device), att.to(self.device), 1.0, self.cfg.logprob_impl)
+            resp = resp.to(self.device)
+            loss = -(logp * resp).sum() / resp.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        torch.set_num_threads(self.cfg.num_threads)
+        return {"warmup_loss": float(np.mean(losses[-20:])), "warmup_seconds": time.perf_counter() - start}
+
+    # -- reinforcement learning --------------------------------------------------------------
+    def train_iteration(self, table: pa.Table) -> dict:
+        """One mirror-descent iteration on complete groups of k samples (rows of a group adjacent)."""
+        start = time.perf_counter()
+        k = self.algo.samples_per_prompt
+        rows = table.select(["prompt_tokens", "response_tokens", "versions", "reward"]).to_pydict()
+        rewards = torch.tensor(rows["reward"], dtype=torch.float32)
+        ids, att, resp = pad_batch(rows["prompt_tokens"], rows["response_tokens"], self.pad_id)
+        trained = resp & self._fresh_token_mask(rows["versions"], resp)
+        ids, att, trained = ids.to(self.device), att.to(self.device), trained.to(self.device)
+
+        self.model.eval()
+        with torch.no_grad():  # pi_theta_i: the reference is the weights at the start of the iteration
+            old = torch.cat([token_logprobs(self.model, ids[s], att[s], self.temperature, self.cfg.logprob_impl)
+                             for s in self._minibatches(len(rewards), k)])
+        self.model.train()
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=(0.9, 0.98),
+                                weight_decay=self.cfg.weight_decay)  # optimizer state reset every iteration
+        stats = []
+        for _ in range(self.cfg.updates_per_iter):
+            for s in self._minibatches(len(rewards), k):
+                logp = token_logprobs(self.model, ids[s], att[s], self.temperature, self.cfg.logprob_impl)
+                mask = trained[s]
+                seq = torch.arange(mask.shape[0], device=self.device)[:, None].expand_as(mask)
+                loss, st = mirror_descent_loss(logp[mask], old[s][mask], seq[mask], rewards[s].to(self.device),
+                                               k, self.algo.tau)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                opt.step()
+                stats.append((st.loss, st.mean_log_ratio, grad_norm.item()))
+        self.version += 1
+        versions = [v for vs in rows["versions"] for v in vs]
+        return {
+            "loss": float(np.mean([s[0] for s in stats])),
+            "log_ratio": float(np.mean([s[1] for s in stats])),
+            "grad_norm": float(np.mean([s[2] for s in stats])),
+            "trained_tokens": int(trained.sum().item()),
+            "staleness": float(self.version - 1 - np.mean(versions)) if versions else 0.0,
+            "max_staleness": int(self.version - 1 - min(versions)) if versions else 0,
+            "train_seconds": time.perf_counter() - start,
+            "version": self.version,
+        }
+
+    def _fresh_token_mask(self, versions: list[list[int]], resp: torch.Tensor) -> torch.Tensor:
+        """Tokens generated more than algo.max_token_staleness versions ago leave the loss
+        (-1 keeps every segment)."""
+        limit = self.algo.max_token_staleness
+        mask = torch.ones_like(resp)
+        if limit < 0:
+            return mask
+        for b, vs in enumerate(versions):
+            start = int(resp[b].nonzero()[0]) if resp[b].any() else 0
+            old = torch.tensor(vs) < self.version - limit
+            mask[b, start:start + len(vs)] = ~old
+        return mask
+
+    def _minibatches(self, num_rows: int, k: int) -> list[slice]:
+        groups = num_rows // k
+        per = max(1, math.ceil(groups / self.cfg.minibatches_per_iter))
+        return [slice(g * k, min(groups, g + per) * k) for g in range(0, groups, per)]
