@@ -79,8 +79,10 @@ class RewardService:
 
 def build_app(config: dict | None = None, *, min_replicas: int = 1, max_replicas: int = 2,
               target_ongoing_requests: float = 16, max_ongoing_requests: int = 64,
-              max_concurrency: int = 4, replica_cpus: float = 1.0):
-    """The Serve application; replicas autoscale between min_replicas and max_replicas."""
+              max_concurrency: int = 4, replica_cpus: float = 1.0, autoscaling: dict | None = None):
+    """The Serve application; replicas autoscale between min_replicas and max_replicas.
+
+    autoscaling: further AutoscalingConfig fields (upscale_delay_s, downscale_delay_s, ...)."""
     if not 1 <= min_replicas <= max_replicas:
         raise ValueError(f"reward serve needs 1 <= min_replicas <= max_replicas, got {min_replicas}, {max_replicas}")
     deployment = serve.deployment(
@@ -91,6 +93,7 @@ def build_app(config: dict | None = None, *, min_replicas: int = 1, max_replicas
             "min_replicas": min_replicas,
             "max_replicas": max_replicas,
             "target_ongoing_requests": target_ongoing_requests,
+            **(autoscaling or {}),
         },
         ray_actor_options={"num_cpus": replica_cpus},
     )
