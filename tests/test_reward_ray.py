@@ -182,3 +182,19 @@ def test_service_handle_and_concurrent_load(service):
     with ThreadPoolExecutor(32) as ex:
         results = list(ex.map(lambda _: _post(url, body), range(64)))
     assert all(r == (200, {"results": [{"reward": 1.0, "reason": "correct"}]}) for r in results)
+
+
+def test_reward_config_from_a_run_config():
+    from omegaconf import OmegaConf
+
+    from k15.reward.verifiers import RewardConfig
+
+    cfg = OmegaConf.create({"math_timeout_s": 2.0, "code_concurrency": 3,
+                            "sandbox": {"prestart": 1, "limits": {"cpu_s": 1, "memory_mb": 128}}})
+    rc = RewardConfig.from_dict(cfg)
+    assert (rc.math_timeout_s, rc.code_concurrency, rc.sandbox.prestart) == (2.0, 3, 1)
+    assert (rc.sandbox.limits.cpu_s, rc.sandbox.limits.memory_mb, rc.sandbox.limits.wall_s) == (1, 128, 4.0)
+    with pytest.raises(ValueError, match="reward.sandbox"):
+        RewardConfig.from_dict({"sandbox": {"limts": {}}})
+    with pytest.raises(ValueError, match="memory_mb"):
+        RewardConfig.from_dict({"sandbox": {"limits": {"memory_mb": 0}}})

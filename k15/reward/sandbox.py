@@ -288,7 +288,8 @@ class Sandbox:
     """Runs untrusted Python programs against tests in pre-started bubblewrap containers.
 
     `run(code, tests, style="stdio"|"call", fn_name=..., limits=..., judge=...)` is thread-safe;
-    each call uses its own container. `close()` (or garbage collection) kills the warm ones.
+    each call uses its own container. `close()` (or interpreter exit) kills the warm ones; every
+    container also dies with this process (--die-with-parent).
     """
 
     def __init__(self, config: SandboxConfig | None = None, **overrides):
