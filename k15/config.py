@@ -29,8 +29,8 @@ class RolloutConfig:
     device: str = "cpu"
     temperature: float = 1.0
     top_p: float = 1.0
-    max_response_tokens: int = 64
-    token_budget: Optional[int] = None  # new tokens per actor per call; unfinished samples resume later
+    max_response_tokens: int = 80
+    token_budget: Optional[int] = 6144  # new tokens per actor per call; unfinished samples resume later
     max_staleness: int = 1  # policy versions a rollout may run ahead of the trainer
     repeat_ngram: int = 8  # 0 turns repeat detection off
     repeat_times: int = 4
@@ -45,7 +45,7 @@ class AlgoConfig:
     tau: float = 0.1
     samples_per_prompt: int = 8  # k
     prompts_per_iter: int = 32
-    num_iters: int = 60
+    num_iters: int = 40
     max_token_staleness: int = -1  # tokens older than this many versions leave the loss; -1 keeps all
 
 
@@ -59,7 +59,7 @@ class TrainerConfig:
     updates_per_iter: int = 1
     minibatches_per_iter: int = 2
     logprob_impl: str = "torch"  # torch | fused (k15.kernels)
-    warmup_steps: int = 600
+    warmup_steps: int = 1000
     warmup_batch_size: int = 64
     warmup_lr: float = 3e-3
     warmup_threads: int = 2
@@ -71,10 +71,10 @@ class DataConfig:
     eval_source: Optional[str] = None  # held-out file; None: built-in problems (or 10% of the file)
     train_size: int = 20000
     eval_size: int = 256
-    min_ops: int = 2
-    max_ops: int = 5
+    min_ops: int = 3
+    max_ops: int = 6
     max_value: int = 9
-    cot_fraction: float = 0.4  # share of worked (chain-of-thought) solutions in the warm-up data
+    cot_fraction: float = 0.5  # share of worked (chain-of-thought) solutions in the warm-up data
 
 
 @dataclass
