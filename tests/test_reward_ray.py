@@ -41,11 +41,11 @@ def ray_session():
         ray.shutdown()
 
 
-def make_table(tok, rows):
+def make_table(tok, rows, prefix="p"):
     out = []
     for i, r in enumerate(rows):
         ids = tok.encode(r["response"])
-        out.append(dict(sample_id=f"p{i}#0", prompt_id=f"p{i}", sample_idx=0, task=r["task"], answer=r["answer"],
+        out.append(dict(sample_id=f"{prefix}{i}#0", prompt_id=f"{prefix}{i}", sample_idx=0, task=r["task"], answer=r["answer"],
                         prompt_tokens=[1], response_tokens=ids, logprobs=[0.0] * len(ids), versions=[0] * len(ids),
                         finished=r.get("finished", True), finish_reason=r.get("finish_reason", "eos"),
                         length=len(ids), num_segments=1))
@@ -198,3 +198,15 @@ def test_reward_config_from_a_run_config():
         RewardConfig.from_dict({"sandbox": {"limts": {}}})
     with pytest.raises(ValueError, match="memory_mb"):
         RewardConfig.from_dict({"sandbox": {"limits": {"memory_mb": 0}}})
+
+
+def test_reasons_follow_rows_through_slicing_and_concatenation(tok):
+    scorer = Scorer()
+    try:
+        out = score_table(make_table(tok, ROWS), lambda t: tok.decode(t, skip_special_tokens=True), 0.5, scorer)
+    finally:
+        scorer.close()
+    other = make_table(tok, ROWS[:2], prefix="q")
+    mixed = pa.concat_tables([out.slice(1, 2), other])
+    assert reasons_of(mixed) == ["wrong", "correct", None, None]
+    assert reasons_of(out.take([4, 0])) == ["repeat", "correct"]

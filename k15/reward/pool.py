@@ -41,15 +41,19 @@ def default_scorer() -> Scorer:
 
 
 def _with_reasons(table: pa.Table, reasons: list[str | None]) -> pa.Table:
+    """Keep why each row got its reward in the schema metadata, keyed by sample_id, so it stays
+    right when the table is later sliced or concatenated (Arrow keeps the first table's metadata)."""
+    by_id = {sid: r for sid, r in zip(table["sample_id"].to_pylist(), reasons) if r is not None}
     meta = dict(table.schema.metadata or {})
-    meta[REASONS_KEY] = json.dumps(reasons).encode()
+    meta[REASONS_KEY] = json.dumps(by_id).encode()
     return table.replace_schema_metadata(meta)
 
 
 def reasons_of(table: pa.Table) -> list[str | None]:
-    """Per row: why it got its reward (None for rows not scored)."""
+    """Per row: why it got its reward (None for rows not scored, or scored elsewhere)."""
     raw = (table.schema.metadata or {}).get(REASONS_KEY)
-    return json.loads(raw) if raw else [None] * table.num_rows
+    by_id = json.loads(raw) if raw else {}
+    return [by_id.get(sid) for sid in table["sample_id"].to_pylist()]
 
 
 def reason_counts(table: pa.Table) -> dict[str, int]:
