@@ -87,6 +87,7 @@ def train(overrides: list[str], print_config: bool = False) -> int:
 
     from k15.data.dataset import DatasetError, load_datasets
     from k15.models import ModelNotFoundError, load_policy_tokenizer
+    from k15.reward.verifiers import RewardConfig
 
     try:
         cfg = compose_config(overrides)
@@ -101,7 +102,8 @@ def train(overrides: list[str], print_config: bool = False) -> int:
             raise ModelNotFoundError(f"model directory not found: {cfg.model.path}")
         load_policy_tokenizer(cfg.model)
         load_datasets(cfg.data, cfg.seed)
-    except (DatasetError, ModelNotFoundError, FileNotFoundError, OSError) as e:
+        RewardConfig.from_dict(cfg.reward)
+    except (DatasetError, ModelNotFoundError, FileNotFoundError, OSError, ValueError, TypeError) as e:
         raise StartupError(str(e)) from None
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)

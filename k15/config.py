@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import MISSING  # noqa: F401
 
@@ -45,7 +45,7 @@ class AlgoConfig:
     tau: float = 0.1
     samples_per_prompt: int = 8  # k
     prompts_per_iter: int = 32
-    num_iters: int = 40
+    num_iters: int = 60
     max_token_staleness: int = -1  # tokens older than this many versions leave the loss; -1 keeps all
 
 
@@ -59,7 +59,7 @@ class TrainerConfig:
     updates_per_iter: int = 1
     minibatches_per_iter: int = 2
     logprob_impl: str = "torch"  # torch | fused (k15.kernels)
-    warmup_steps: int = 1000
+    warmup_steps: int = 1200
     warmup_batch_size: int = 64
     warmup_lr: float = 3e-3
     warmup_threads: int = 2
@@ -100,6 +100,9 @@ class K15Config:
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Verifier settings (k15.reward.verifiers.RewardConfig: math timeout, sandbox limits); checked
+    # at start by RewardConfig.from_dict, which names an unknown key.
+    reward: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     run_dir: Optional[str] = None  # None: runs/<timestamp>
     eval_before: bool = True

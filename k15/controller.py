@@ -65,7 +65,8 @@ class Controller:
         init_ray(cfg.cluster, cpus_needed=1 + n)
         tokenizer_dir = cfg.model.tokenizer or cfg.model.path
         self.buffer = ReplayBuffer.remote(self.k)
-        self.reward_pool = RewardPool(cfg.cluster.reward_workers, tokenizer_dir, self.rcfg.repeat_penalty)
+        self.reward_pool = RewardPool(cfg.cluster.reward_workers, tokenizer_dir, self.rcfg.repeat_penalty,
+                                      config=cfg.reward)
         self.trainer = Trainer.options(num_cpus=1).remote(cfg.model, cfg.trainer, cfg.algo, self.rcfg.temperature,
                                                           cfg.seed, cfg.trainer.device)
         self.rollouts = [RolloutActor.options(num_cpus=1).remote(cfg.model, cfg.seed, self.rcfg.num_threads,

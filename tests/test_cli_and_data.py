@@ -62,3 +62,13 @@ def test_bad_rows_name_file_row_and_field(tmp_path, row, needle):
     f.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(DatasetError, match=rf"bad.jsonl, row 2: field {needle}"):
         load_prompt_file(f)
+
+
+def test_reward_settings_come_from_the_config():
+    from k15.reward.verifiers import RewardConfig
+
+    cfg = compose_config(["reward.sandbox.limits.wall_s=2", "reward.math_timeout_s=1.5"])
+    reward = RewardConfig.from_dict(cfg.reward)
+    assert reward.sandbox.limits.wall_s == 2 and reward.math_timeout_s == 1.5
+    proc = run_k15("+reward.bogus=1")
+    assert proc.returncode == 1 and "bogus" in proc.stderr and "Traceback" not in proc.stderr
