@@ -80,6 +80,7 @@ class Controller:
         self.waves_launched = 0  # one wave = one rollout call on one actor
         self.inflight: dict[ray.ObjectRef, int] = {}  # buffer.add ref -> actor index
         self.draws = 0
+        self.prompts_launched = 0  # fresh prompts drawn so far (each fans out to k samples)
 
     # -- the paper's loop ---------------------------------------------------------------------
     def run(self) -> dict:
@@ -155,8 +156,8 @@ class Controller:
             self.launch_waves(it)
             if ray.get(self.buffer.num_ready_groups.remote()) >= need:
                 break
-            if not self.inflight:  # partial rollouts left groups incomplete: resume them now
-                self.launch_wave(0, it, fresh=True)
+            if not self.inflight:
+                raise RuntimeError("no rollout in flight and too few complete groups: nothing can finish them")
             self._wait_one()
         if not self.rcfg.overlap:
             self.drain()  # strictly alternate: no rollout runs while the trainer steps
@@ -173,28 +174,30 @@ class Controller:
             self._finish(ready)
 
     def launch_waves(self, it: int) -> None:
-        """Start a wave on every idle actor while the staleness bound allows: wave w serves
-        iteration w // num_workers + 1 and may start once the trainer's version is at least that
-        iteration - 1 - max_staleness."""
-        n = len(self.rollouts)
+        """Start a wave on every idle actor. Fresh prompts may be drawn for iterations up to
+        version + 1 + max_staleness (with overlap off: only for the next iteration); unfinished
+        segments are always resumed, since the groups they belong to are already counted."""
         lead = self.rcfg.max_staleness if self.rcfg.overlap else 0
         busy = set(self.inflight.values())
-        for i in range(n):
+        for i in range(len(self.rollouts)):
             if i in busy:
                 continue
-            serves = self.waves_launched // n + 1
-            if serves - 1 > self.version + lead:
+            room = (self.version + 1 + lead) * self.algo.prompts_per_iter - self.prompts_launched
+            if not self.launch_wave(i, max_fresh=max(0, room)):
                 return
-            self.launch_wave(i, it, fresh=True)
 
-    def launch_wave(self, actor_index: int, it: int, fresh: bool) -> None:
+    def launch_wave(self, actor_index: int, max_fresh: int) -> bool:
         """One rollout call: unfinished segments first (partial rollouts resume with the newest
-        weights), then fresh prompts x k to fill the wave to its share of an iteration."""
+        weights), then fresh prompts x k to fill the wave to its share of an iteration. Returns
+        False when there was nothing to do."""
         n = len(self.rollouts)
         resume = ray.get(self.buffer.take_unfinished.remote())
         per_actor = -(-self.algo.prompts_per_iter // n)
-        num_fresh = max(0, per_actor - resume.num_rows // self.k) if fresh else 0
+        num_fresh = min(max_fresh, max(0, per_actor - resume.num_rows // self.k))
+        if resume.num_rows == 0 and num_fresh == 0:
+            return False
         picks = self.sampler.sample(num_fresh) if num_fresh else []
+        self.prompts_launched += num_fresh
         self.draws += 1
         rows = fresh_rows([self.train_set[i] for i in picks], [self.train_tokens[i] for i in picks], self.k,
                           id_suffix=f"@{self.draws}")
@@ -207,6 +210,7 @@ class Controller:
         added = self.buffer.add.remote(self.reward_pool.score(generated))
         self.inflight[added] = actor_index
         self.waves_launched += 1
+        return True
 
     def _wait_one(self) -> None:
         ready, _ = ray.wait(list(self.inflight), num_returns=1)
