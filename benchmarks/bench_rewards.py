@@ -2,7 +2,7 @@
 the reward pool on a training-sized table, and the Serve deployment over HTTP.
 
     python benchmarks/bench_rewards.py                 # print the results section
-    python benchmarks/bench_rewards.py --write         # also write benchmarks/rewards_RESULTS_section.md
+    python benchmarks/bench_rewards.py --write         # also write benchmarks/rewards_RESULTS_section.md (merge into RESULTS.md)
     python benchmarks/bench_rewards.py --quick         # fewer repetitions, no Ray
 
 Timings are wall-clock medians (and p90) over the repetitions stated in each row.

@@ -32,7 +32,7 @@ Public API (importing this package does not import Triton; the kernels load on f
 impl: "auto" uses the Triton kernels on CUDA tensors (and on CPU under TRITON_INTERPRET=1, for
 tests) and the reference otherwise; "triton" and "reference" force one.
 
-Costs on CUDA (H100, Qwen2.5-7B head, bf16; benchmarks/kernels_RESULTS_section.md): forward one GEMM
+Costs on CUDA (H100, Qwen2.5-7B head, bf16; benchmarks/RESULTS.md): forward one GEMM
 of work (about 1.1x cuBLAS's time) and a few floats per token of memory; forward+backward four GEMMs
 of work (about 1.5x three cuBLAS GEMMs at 128k tokens) and about 0.5 GiB of scratch beyond the
 gradients themselves. Each call synchronises with the host once (validity of the targets) and the
