@@ -47,7 +47,7 @@ def compose_config(overrides: list[str]):
 def _one_line(e: Exception) -> str:
     text = " ".join(str(e).split())
     text = text.replace(" To append to your config use", " (unknown key; to add a new key use")
-    if text.endswith(")") is False and "(unknown key" in text:
+    if "(unknown key" in text and not text.endswith(")"):
         text += ")"
     if e.__cause__ is not None:  # Hydra wraps the reason (which key, which type) in the cause
         text += ": " + " ".join(str(e.__cause__).split())

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from k15.algo.sampler import UniformSampler
 from k15.buffer import ReplayBuffer
 from k15.data import arithmetic
-from k15.data.dataset import load_datasets
+from k15.data.dataset import builtin_problems, load_datasets
 from k15.evaluate import evaluate, fresh_rows
 from k15.metrics import RunLogger, console
 from k15.models import load_policy_tokenizer
@@ -119,7 +119,7 @@ class Controller:
         if tcfg.warmup_steps <= 0 or self.cfg.data.source != "builtin":
             return {}
         rng = random.Random(self.cfg.seed)
-        problems, _ = _builtin_problems(self.cfg)
+        problems, _ = builtin_problems(self.cfg.data, self.cfg.seed)
         examples = []
         for p in problems:
             solution = (arithmetic.worked_solution(p) if rng.random() < self.cfg.data.cot_fraction
@@ -224,12 +224,6 @@ class Controller:
     def drain(self) -> None:
         while self.inflight:
             self._wait_one()
-
-
-def _builtin_problems(cfg):
-    from k15.data.dataset import builtin_problems
-
-    return builtin_problems(cfg.data, cfg.seed)
 
 
 def batch_metrics(batch: pa.Table) -> dict:
