@@ -1,4 +1,4 @@
-"""`k15 train [key=value ...]`: Hydra-composed config, one clear line for any startup error."""
+"""`k15 train|eval|curate [key=value ...]`: Hydra-composed config, one clear line for any startup error."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-USAGE = """usage: k15 train [key=value ...]
+USAGE = """usage: k15 {train,eval,curate} [key=value ...]
 
   k15 train                                  the embedded default: tiny model, built-in task, local Ray
   k15 train algo.tau=0.05 rollout.num_workers=2
   k15 train model=hf model.path=/models/my-lm data.source=prompts.jsonl
-  k15 train --cfg                            print the composed config and exit
+  k15 eval model.path=runs/x/checkpoint      pass@k, lengths, per-difficulty accuracy (built-in held-out set)
+  k15 eval eval.source=problems.jsonl eval.samples=16 eval.ks=[1,4,16]
+  k15 curate curate.source=problems.jsonl    drop unverifiable / easy-to-hack problems, label difficulty
+  k15 <command> --cfg                        print the composed config and exit
 """
 
 
@@ -62,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command != "train":
+    commands = {"train": train, "eval": eval_command, "curate": curate_command}
+    if command not in commands:
         print(f"k15: unknown command '{command}'\n{USAGE}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="k15 train", add_help=False)
+    parser = argparse.ArgumentParser(prog=f"k15 {command}", add_help=False)
     parser.add_argument("--cfg", action="store_true")
     args, overrides = parser.parse_known_args(rest)
     try:
-        return train(overrides, print_config=args.cfg)
+        return commands[command](overrides, print_config=args.cfg)
     except KeyboardInterrupt:
         print("k15: interrupted", file=sys.stderr)
         return 130
@@ -85,28 +89,20 @@ class StartupError(Exception):
 def train(overrides: list[str], print_config: bool = False) -> int:
     from omegaconf import OmegaConf
 
+    from k15.algo.sampler import make_sampler
     from k15.data.dataset import DatasetError, load_datasets
-    from k15.models import ModelNotFoundError, load_policy_tokenizer
-    from k15.reward.verifiers import RewardConfig
+    from k15.trainer.trainer import policy_loss
 
-    try:
-        cfg = compose_config(overrides)
-    except ConfigError as e:
-        raise StartupError(f"config: {e}") from None
-    if print_config:
-        print(OmegaConf.to_yaml(cfg))
+    cfg = _setup(overrides, print_config)
+    if cfg is None:
         return 0
-    # Check inputs before starting anything heavy, so a bad path fails in a second.
-    try:
-        if cfg.model.path and not Path(cfg.model.path).is_dir():
-            raise ModelNotFoundError(f"model directory not found: {cfg.model.path}")
-        load_policy_tokenizer(cfg.model)
-        load_datasets(cfg.data, cfg.seed)
-        RewardConfig.from_dict(cfg.reward)
-    except (DatasetError, ModelNotFoundError, FileNotFoundError, OSError, ValueError, TypeError) as e:
+    try:  # the prompt set, the sampler over it and the loss, before anything heavy starts
+        train_set, _ = load_datasets(cfg.data, cfg.seed)
+        make_sampler(cfg.sampler, train_set, cfg.seed)
+        policy_loss(cfg.algo)
+    except (DatasetError, OSError, ValueError) as e:
         raise StartupError(str(e)) from None
 
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
     from k15.controller import Controller
     from k15.metrics import console
 
@@ -130,6 +126,110 @@ def train(overrides: list[str], print_config: bool = False) -> int:
     controller.logger.summary_table(rows)
     controller.logger.finish()
     console.print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def _setup(overrides: list[str], print_config: bool):
+    """The composed config, with the model, tokenizer and reward settings checked before anything
+    heavy starts, so a bad path fails in a second (None: --cfg printed the config)."""
+    from omegaconf import OmegaConf
+
+    from k15.models import ModelNotFoundError, load_policy_tokenizer
+    from k15.reward.verifiers import RewardConfig
+
+    try:
+        cfg = compose_config(overrides)
+    except ConfigError as e:
+        raise StartupError(f"config: {e}") from None
+    if print_config:
+        print(OmegaConf.to_yaml(cfg))
+        return None
+    try:
+        if cfg.model.path and not Path(cfg.model.path).is_dir():
+            raise ModelNotFoundError(f"model directory not found: {cfg.model.path}")
+        if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
+            raise ModelNotFoundError(f"model directory {cfg.model.path} has no config.json (not a Hugging Face model)")
+        load_policy_tokenizer(cfg.model)
+        RewardConfig.from_dict(cfg.reward)
+    except (ModelNotFoundError, FileNotFoundError, OSError, ValueError, TypeError) as e:
+        raise StartupError(str(e)) from None
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    return cfg
+
+
+def _load_records(source, default, limit):
+    """Records of a prompt file, or `default()`; the first `limit` of them."""
+    from k15.data.dataset import DatasetError, load_prompt_file
+
+    try:
+        records = load_prompt_file(source) if source else default()
+    except (DatasetError, OSError) as e:
+        raise StartupError(str(e)) from None
+    return records[:limit] if limit is not None else records
+
+
+def _warn_default_model(cfg) -> None:
+    if not cfg.model.path:
+        print("k15: warning: model.path is not set: using the untrained default model", file=sys.stderr)
+
+
+def _positive(**values) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise StartupError(f"config: {key} must be >= 1, got {value}")
+
+
+def eval_command(overrides: list[str], print_config: bool = False) -> int:
+    """`k15 eval`: pass@k, response lengths and per-difficulty accuracy on a prompt set."""
+    from k15.data.dataset import load_datasets
+    from k15.eval_report import run_eval
+
+    cfg = _setup(overrides, print_config)
+    if cfg is None:
+        return 0
+    e = cfg.eval
+    _positive(**{"eval.samples": e.samples}, **{f"eval.ks[{i}]": k for i, k in enumerate(e.ks)})
+    records = _load_records(e.source, lambda: load_datasets(cfg.data, cfg.seed)[1], e.limit)
+    _check_verifiable(records, e.source or "held-out set")
+    _warn_default_model(cfg)
+    out_dir = Path(e.output or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_eval(cfg, records, out_dir, e.source or f"held-out set of data.source={cfg.data.source}")
+    ray_stop()
+    return 0
+
+
+def _check_verifiable(records: list[dict], source: str) -> None:
+    """Eval scores every row: a row no verifier can take stops it at start, naming the row."""
+    from k15.curate import format_issue
+
+    for i, rec in enumerate(records):
+        if rec["task"] != "math":
+            why = format_issue(rec)
+            if why in ("unknown_task", "bad_code_tests"):
+                raise StartupError(f"{source}, problem {i + 1}: {why.replace('_', ' ')} (task '{rec['task']}')")
+
+
+def curate_command(overrides: list[str], print_config: bool = False) -> int:
+    """`k15 curate`: drop unverifiable and easy-to-hack problems, label difficulty, write Parquet."""
+    from k15.curate import curate, print_summary
+    from k15.data.dataset import load_datasets
+    from k15.metrics import console
+
+    cfg = _setup(overrides, print_config)
+    if cfg is None:
+        return 0
+    c = cfg.curate
+    _positive(**{"curate.samples": c.samples, "curate.no_cot_max_tokens": c.no_cot_max_tokens})
+    if c.no_cot_attempts < 0:
+        raise StartupError(f"config: curate.no_cot_attempts must be >= 0, got {c.no_cot_attempts}")
+    records = _load_records(c.source, lambda: load_datasets(cfg.data, cfg.seed)[0], c.limit)
+    source = Path(c.source or "builtin")
+    output = Path(c.output or source.with_name(source.stem + ".curated.parquet"))
+    _warn_default_model(cfg)
+    summary = curate(cfg, records, output)
+    ray_stop()
+    print_summary(summary, console)
     return 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING  # noqa: F401
 
@@ -40,13 +40,38 @@ class RolloutConfig:
 
 
 @dataclass
+class LengthPenaltyConfig:
+    """Paper 2.3.3: a per-group length reward added to the reward with `weight`, from `start_iter` on."""
+    weight: float = 0.0  # 0 turns it off
+    start_iter: int = 1  # iterations before this one train without it (the paper's warm-up)
+
+
+@dataclass
 class AlgoConfig:
-    name: str = "mirror_descent"
-    tau: float = 0.1
+    name: str = "mirror_descent"  # mirror_descent | grpo | reinforce (k15/algo/losses.py)
+    tau: float = 0.1  # mirror descent: weight of the KL to the iteration's reference
+    clip_eps: float = 0.2  # grpo: ratio clipping
     samples_per_prompt: int = 8  # k
     prompts_per_iter: int = 32
     num_iters: int = 60
     max_token_staleness: int = -1  # tokens older than this many versions leave the loss; -1 keeps all
+    length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
+
+
+@dataclass
+class SamplerConfig:
+    """Which problems each iteration draws (paper 2.3.4, k15/algo/sampler.py)."""
+    name: str = "uniform"  # uniform | curriculum | prioritized
+    # curriculum: problems sorted by difficulty; `step` draws from the easiest `start_fraction`
+    # until `switch_iter`, then from the rest; `linear` widens the pool to all by `switch_iter`
+    schedule: str = "step"
+    start_fraction: float = 0.5
+    switch_iter: int = 24
+    # prioritized: P(i) ~ (1 - s_i) + floor, s_i an exponential moving average of problem i's
+    # success rate; `prior` is s_i before the problem is first seen
+    ema: float = 0.5
+    prior: float = 0.5
+    floor: float = 0.02
 
 
 @dataclass
@@ -75,6 +100,7 @@ class DataConfig:
     max_ops: int = 6
     max_value: int = 9
     cot_fraction: float = 0.5  # share of worked (chain-of-thought) solutions in the warm-up data
+    check_fraction: float = 0.0  # share of worked solutions that also verify the answer (long CoT)
 
 
 @dataclass
@@ -92,6 +118,32 @@ class ClusterConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`k15 eval`: pass@k on a prompt set (k15/eval_report.py)."""
+    source: Optional[str] = None  # .jsonl / .parquet file; None: the held-out set of `data`
+    samples: int = 8  # n samples per problem (the unbiased pass@k needs n >= k)
+    ks: List[int] = field(default_factory=lambda: [1, 4, 8])
+    temperature: float = 1.0  # 0: greedy, one sample per problem
+    max_response_tokens: Optional[int] = None  # None: rollout.max_response_tokens
+    limit: Optional[int] = None  # evaluate only the first `limit` problems
+    output: Optional[str] = None  # results directory; None: runs/eval-<timestamp>
+
+
+@dataclass
+class CurateConfig:
+    """`k15 curate` (paper 2.1): difficulty from sampling, drop easy-to-hack and unverifiable problems."""
+    source: Optional[str] = None  # .jsonl / .parquet file; None: the built-in task's training set
+    output: Optional[str] = None  # curated Parquet; None: <source stem>.curated.parquet
+    samples: int = 10  # attempts per problem with chain of thought, at `temperature`
+    temperature: float = 1.2
+    no_cot_attempts: int = 8  # solved within this many direct answers: easy to hack, dropped
+    no_cot_prefix: str = " The answer is \\boxed{"  # forced start of a direct (no-CoT) answer
+    no_cot_max_tokens: int = 12
+    max_response_tokens: Optional[int] = None  # None: rollout.max_response_tokens
+    limit: Optional[int] = None
+
+
+@dataclass
 class K15Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -100,10 +152,13 @@ class K15Config:
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     # Verifier settings (k15.reward.verifiers.RewardConfig: math timeout, sandbox limits); checked
     # at start by RewardConfig.from_dict, which names an unknown key.
     reward: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    run_dir: Optional[str] = None  # None: runs/<timestamp>
+    run_dir: Optional[str] = None  # None: runs/<timestamp>; the final policy goes to <run_dir>/checkpoint
     eval_before: bool = True
     eval_after: bool = True

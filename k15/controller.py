@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -22,7 +23,8 @@ import pyarrow as pa
 import ray
 from omegaconf import OmegaConf
 
-from k15.algo.sampler import UniformSampler
+from k15.algo.length_penalty import length_rewards, penalty_weight
+from k15.algo.sampler import make_sampler
 from k15.buffer import ReplayBuffer
 from k15.data import arithmetic
 from k15.data.dataset import builtin_problems, load_datasets
@@ -57,7 +59,8 @@ class Controller:
         self.train_set, self.eval_set = load_datasets(cfg.data, cfg.seed)
         self.train_tokens = [self.tokenizer(r["prompt"])["input_ids"] for r in self.train_set]
         self.eval_tokens = [self.tokenizer(r["prompt"])["input_ids"] for r in self.eval_set]
-        self.sampler = UniformSampler(len(self.train_set), cfg.seed)
+        self.sampler = make_sampler(cfg.sampler, self.train_set, cfg.seed)
+        self.problem_index = {r["prompt_id"]: i for i, r in enumerate(self.train_set)}
         self.logger = RunLogger(self.run_dir, OmegaConf.to_container(cfg), cfg.logger.backend,
                                 cfg.logger.project, cfg.logger.mode)
 
@@ -94,11 +97,13 @@ class Controller:
             t0 = time.perf_counter()
             batch = self.collect_groups(it)
             t1 = time.perf_counter()
-            train = self.wait_keeping_rollouts_busy(self.trainer.train_iteration.remote(batch), it)
+            self.record_success(batch)
+            rewards, shaping = self.shaped_rewards(batch, it)
+            train = self.wait_keeping_rollouts_busy(self.trainer.train_iteration.remote(batch, rewards), it)
             t2 = time.perf_counter()
             self.publish_weights(version=train["version"])
             t3 = time.perf_counter()
-            metrics = {"iter": it, **batch_metrics(batch), **train, "wait_seconds": t1 - t0,
+            metrics = {"iter": it, **batch_metrics(batch), **shaping, **train, "wait_seconds": t1 - t0,
                        "sync_seconds": t3 - t2, "iter_seconds": t3 - t0,
                        "tokens_per_s": train["trained_tokens"] / max(t3 - t0, 1e-9)}
             self.logger.log(metrics, step=it)
@@ -108,8 +113,28 @@ class Controller:
         summary["trained_samples"] = self.algo.num_iters * self.algo.prompts_per_iter * self.k
         if self.cfg.eval_after:
             summary["accuracy_after"] = self.evaluate(iteration=self.algo.num_iters)["eval_accuracy"]
+        summary["checkpoint"] = self.save_checkpoint()
         summary["buffer"] = ray.get(self.buffer.stats.remote())
         return summary
+
+    def shaped_rewards(self, batch: pa.Table, it: int) -> tuple[list[float], dict]:
+        """The verifier's rewards plus the length reward (paper 2.3.3), once it is warmed up."""
+        rewards = np.array(batch["reward"].to_pylist(), dtype=float)
+        weight = penalty_weight(it, self.algo.length_penalty.weight, self.algo.length_penalty.start_iter)
+        bonus = np.zeros_like(rewards)
+        if weight:
+            bonus = length_rewards(batch["length"].to_pylist(), rewards >= 1.0, self.k)
+        return (rewards + weight * bonus).tolist(), {"length_penalty_weight": weight,
+                                                     "length_reward": float(bonus.mean())}
+
+    def record_success(self, batch: pa.Table) -> None:
+        """Each group's fraction of correct answers, for the prioritized sampler."""
+        ids = batch["prompt_id"].to_pylist()
+        correct = np.array(batch["reward"].to_pylist(), dtype=float) >= 1.0
+        for g in range(0, len(ids), self.k):
+            index = self.problem_index.get(ids[g].rsplit("@", 1)[0])
+            if index is not None:
+                self.sampler.update(index, float(correct[g:g + self.k].mean()))
 
     # -- phases -------------------------------------------------------------------------------
     def warmup(self) -> dict:
@@ -122,8 +147,10 @@ class Controller:
         problems, _ = builtin_problems(self.cfg.data, self.cfg.seed)
         examples = []
         for p in problems:
-            solution = (arithmetic.worked_solution(p) if rng.random() < self.cfg.data.cot_fraction
-                        else arithmetic.direct_solution(p))
+            if rng.random() < self.cfg.data.cot_fraction:
+                solution = arithmetic.worked_solution(p, check=rng.random() < self.cfg.data.check_fraction)
+            else:
+                solution = arithmetic.direct_solution(p)
             examples.append((self.tokenizer(p.prompt)["input_ids"],
                              self.tokenizer(solution)["input_ids"] + [self.tokenizer.eos_token_id]))
         console.print(f"warm-up: {tcfg.warmup_steps} SFT steps on {len(examples)} worked examples")
@@ -139,6 +166,13 @@ class Controller:
         ray.get([self.trainer.publish.remote()]
                 + [a.receive_weights.remote(self.weight_meta, version) for a in self.rollouts])
         self.version = version
+
+    def save_checkpoint(self) -> str:
+        """The policy (a Hugging Face directory: `model.path=` loads it) and the sampler's state."""
+        path = self.run_dir / "checkpoint"
+        ray.get(self.trainer.save.remote(str(path)))
+        (path / "sampler.json").write_text(json.dumps(self.sampler.state_dict()))
+        return str(path)
 
     def evaluate(self, iteration: int) -> dict:
         self.drain()  # held-out numbers come from the current weights only
@@ -196,11 +230,12 @@ class Controller:
         num_fresh = min(max_fresh, max(0, per_actor - resume.num_rows // self.k))
         if resume.num_rows == 0 and num_fresh == 0:
             return False
-        picks = self.sampler.sample(num_fresh) if num_fresh else []
+        iteration = self.prompts_launched // self.algo.prompts_per_iter + 1  # the one these prompts feed
+        picks = self.sampler.sample(num_fresh, iteration) if num_fresh else []
         self.prompts_launched += num_fresh
         self.draws += 1
-        rows = fresh_rows([self.train_set[i] for i in picks], [self.train_tokens[i] for i in picks], self.k,
-                          id_suffix=f"@{self.draws}")
+        rows = [row for n, i in enumerate(picks)  # a problem drawn twice still gets distinct sample ids
+                for row in fresh_rows([self.train_set[i]], [self.train_tokens[i]], self.k, f"@{self.draws}.{n}")]
         table = pa.concat_tables([resume, pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA)])
         params = SamplingParams(temperature=self.rcfg.temperature, top_p=self.rcfg.top_p,
                                 max_response_tokens=self.rcfg.max_response_tokens, token_budget=self.rcfg.token_budget,

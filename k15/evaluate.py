@@ -34,5 +34,11 @@ def evaluate(rollout_actors, reward_pool, records: list[dict], prompt_tokens: li
     scored = pa.concat_tables(ray.get(refs))
     rewards = np.array(scored["reward"].to_pylist(), dtype=float)
     lengths = np.array(scored["length"].to_pylist(), dtype=float)
-    return {"eval_accuracy": float((rewards >= 1.0).mean()), "eval_mean_length": float(lengths.mean()),
-            "eval_problems": int(scored.num_rows)}
+    out = {"eval_accuracy": float((rewards >= 1.0).mean()), "eval_mean_length": float(lengths.mean()),
+           "eval_problems": int(scored.num_rows)}
+    difficulty = np.array([np.nan if d is None else d for d in scored["difficulty"].to_pylist()], dtype=float)
+    levels = np.unique(difficulty[~np.isnan(difficulty)])
+    if 1 < len(levels) <= 12:  # a per-level breakdown when the labels are a few discrete levels
+        for d in levels:
+            out[f"eval_accuracy_d{d:g}"] = float((rewards[difficulty == d] >= 1.0).mean())
+    return out

@@ -24,3 +24,22 @@ def test_k15_train_runs_a_few_iterations(tmp_path):
     assert (run_dir / "training.png").stat().st_size > 0
     summary = [r for r in records if r.get("summary")][0]
     assert summary["trained_samples"] == 3 * 8 * 4
+
+
+@pytest.mark.slow
+def test_recipe_switches_reach_the_loop(tmp_path):
+    """Prioritized sampling, the warmed-up length penalty and GRPO through the real actors; the
+    checkpoint holds the policy and the sampler's success rates."""
+    run_dir = tmp_path / "run"
+    rc = main(["train", "logger=none", f"run_dir={run_dir}", "algo=grpo", "algo.num_iters=3",
+               "algo.prompts_per_iter=4", "algo.samples_per_prompt=4", "algo.length_penalty.weight=0.5",
+               "algo.length_penalty.start_iter=2", "sampler=prioritized", "trainer.warmup_steps=20",
+               "data.eval_size=16", "data.train_size=50", "rollout.max_response_tokens=32", "eval_before=false"])
+    assert rc == 0
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iters = [r for r in records if "reward" in r and "iter" in r]
+    assert [r["length_penalty_weight"] for r in iters] == [0.0, 0.5, 0.5]
+    state = json.loads((run_dir / "checkpoint" / "sampler.json").read_text())
+    assert state["name"] == "prioritized"
+    assert len(state["success_rates"]) >= 4 and all(0.0 <= s <= 1.0 for s in state["success_rates"].values())
+    assert (run_dir / "checkpoint" / "config.json").is_file()

@@ -48,9 +48,12 @@ def make_problem(rng: random.Random, prompt_id: str, min_ops: int, max_ops: int,
                    operands=tuple(operands), ops=tuple(ops))
 
 
-def worked_solution(p: Problem) -> str:
+def worked_solution(p: Problem, check: bool = False) -> str:
     """The chain of thought: reduce the leftmost operation, rewrite the rest, until one number is left
-    ("7+3-5+9=10-5+9=5+9=14."), then the boxed answer. Each step only looks at the step before it."""
+    ("7+3-5+9=10-5+9=5+9=14."), then the boxed answer. Each step only looks at the step before it.
+    With `check`, the solution also verifies its result by undoing every operation back to the first
+    operand ("Check: 14-9=5, 5+5=10, 10-3=7.") -- the kind of reflection a long chain of thought
+    carries, which the answer does not need and a length penalty can teach the model to drop."""
     values, ops = list(p.operands), list(p.ops)
     steps = []
     while ops:
@@ -59,7 +62,21 @@ def worked_solution(p: Problem) -> str:
         ops = ops[1:]
         steps.append(str(values[0]) + "".join(f"{o}{x}" for o, x in zip(ops, values[1:])))
     expr = str(p.operands[0]) + "".join(f"{o}{x}" for o, x in zip(p.ops, p.operands[1:]))
-    return " " + "=".join([expr] + steps) + "." + ANSWER_TEMPLATE.format(value=values[0])
+    text = " " + "=".join([expr] + steps) + "."
+    if check:
+        text += " Check: " + ", ".join(undo_steps(p)) + "."
+    return text + ANSWER_TEMPLATE.format(value=values[0])
+
+
+def undo_steps(p: Problem) -> list[str]:
+    """From the result back to the first operand: "14-9=5", "5+5=10", "10-3=7"."""
+    value = int(p.answer)
+    out = []
+    for op, x in zip(reversed(p.ops), reversed(p.operands[1:])):
+        back = value - x if op == "+" else value + x
+        out.append(f"{value}{'-' if op == '+' else '+'}{x}={back}")
+        value = back
+    return out
 
 
 def direct_solution(p: Problem) -> str:

@@ -16,8 +16,22 @@ import pyarrow as pa
 import ray
 import torch
 
+from k15.algo.grpo import grpo_loss
 from k15.algo.loss import mirror_descent_loss
+from k15.algo.reinforce import reinforce_loss
 from k15.trainer.logprobs import pad_batch, token_logprobs
+
+
+def policy_loss(algo_cfg):
+    """fn(logp, old_logp, seq_ids, rewards, k) -> (loss, LossStats) for `algo.name`."""
+    name = algo_cfg.name
+    if name == "mirror_descent":
+        return lambda *a: mirror_descent_loss(*a, tau=algo_cfg.tau)
+    if name == "grpo":
+        return lambda *a: grpo_loss(*a, clip_eps=algo_cfg.clip_eps)
+    if name == "reinforce":
+        return reinforce_loss
+    raise ValueError(f"algo.name must be mirror_descent, grpo or reinforce, got {name!r}")
 
 
 @ray.remote
@@ -35,6 +49,7 @@ class Trainer:
         self.version = 0
         self.sender = None
         self.rng = random.Random(seed)
+        self.loss_fn = policy_loss(algo_cfg)
 
     def pid(self) -> int:
         import os
@@ -92,12 +107,13 @@ class Trainer:
         return {"warmup_loss": float(np.mean(losses[-20:])), "warmup_seconds": time.perf_counter() - start}
 
     # -- reinforcement learning --------------------------------------------------------------
-    def train_iteration(self, table: pa.Table) -> dict:
-        """One mirror-descent iteration on complete groups of k samples (rows of a group adjacent)."""
+    def train_iteration(self, table: pa.Table, rewards: list[float] | None = None) -> dict:
+        """One iteration of the policy loss (`algo.name`) on complete groups of k samples (rows of a
+        group adjacent). `rewards` replaces the table's rewards (e.g. with the length reward added)."""
         start = time.perf_counter()
         k = self.algo.samples_per_prompt
         rows = table.select(["prompt_tokens", "response_tokens", "versions", "reward"]).to_pydict()
-        rewards = torch.tensor(rows["reward"], dtype=torch.float32)
+        rewards = torch.tensor(rows["reward"] if rewards is None else rewards, dtype=torch.float32)
         ids, att, resp = pad_batch(rows["prompt_tokens"], rows["response_tokens"], self.pad_id)
         trained = resp & self._fresh_token_mask(rows["versions"], resp)
         ids, att, trained = ids.to(self.device), att.to(self.device), trained.to(self.device)
@@ -115,8 +131,7 @@ class Trainer:
                 logp = token_logprobs(self.model, ids[s], att[s], self.temperature, self.cfg.logprob_impl)
                 mask = trained[s]
                 seq = torch.arange(mask.shape[0], device=self.device)[:, None].expand_as(mask)
-                loss, st = mirror_descent_loss(logp[mask], old[s][mask], seq[mask], rewards[s].to(self.device),
-                                               k, self.algo.tau)
+                loss, st = self.loss_fn(logp[mask], old[s][mask], seq[mask], rewards[s].to(self.device), k)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)

@@ -1,0 +1,49 @@
+"""GRPO (Shao et al. 2024), for comparison with mirror descent behind the same trainer interface.
+
+Group-normalised advantages A_j = (r_j - mean_g) / (std_g + eps) and the PPO clipped surrogate per
+token, with ratio = pi_theta / pi_old (pi_old: the weights that start the iteration):
+
+    loss = mean_j  mean_{t in j}  -min(ratio_t * A_j, clip(ratio_t, 1 - eps_clip, 1 + eps_clip) * A_j)
+
+No KL term (beta = 0, as DAPO and Dr. GRPO run it); the inputs are packed as in k15.algo.loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from k15.algo.loss import LossStats, sequence_sums
+
+
+def group_normalized_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} sequences do not split into groups of k={group_size}")
+    groups = rewards.float().view(-1, group_size)
+    mean, std = groups.mean(dim=1, keepdim=True), groups.std(dim=1, unbiased=False, keepdim=True)
+    return ((groups - mean) / (std + eps)).reshape(-1)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, seq_ids: torch.Tensor, rewards: torch.Tensor,
+              group_size: int, clip_eps: float = 0.2) -> tuple[torch.Tensor, LossStats]:
+    if logp.shape != old_logp.shape or logp.shape != seq_ids.shape:
+        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and seq_ids "
+                         f"{tuple(seq_ids.shape)} must have the same shape")
+    num_sequences = rewards.numel()
+    advantage = group_normalized_advantages(rewards, group_size)
+    keep = seq_ids >= 0
+    seq, log_ratio = seq_ids[keep], (logp.float() - old_logp.float())[keep]
+    ratio = log_ratio.exp()
+    adv = advantage[seq]
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    tokens_per_seq = torch.zeros(num_sequences, device=logp.device).index_add(0, seq, torch.ones_like(ratio))
+    per_seq = sequence_sums(per_token, seq, num_sequences) / tokens_per_seq.clamp(min=1)
+    loss = per_seq.sum() / num_sequences
+    stats = LossStats(
+        loss=loss.item(),
+        mean_reward=rewards.float().mean().item(),
+        mean_advantage_abs=advantage.abs().mean().item(),
+        mean_log_ratio=sequence_sums(log_ratio.detach(), seq, num_sequences).mean().item(),
+        num_sequences=num_sequences,
+        num_tokens=int(keep.sum().item()),
+    )
+    return loss, stats
