@@ -70,7 +70,7 @@ def make_inputs(N, V, H, dtype, scale=3.0, ignore_frac=0.2, seed=None):
     return h.to(DEV), w.to(DEV), t.to(DEV), g.to(DEV)
 
 
-def small_config(chunk_rows, scratch_bytes, dtype=torch.float32, tma=None):
+def small_config(chunk_rows, scratch_bytes, dtype=torch.float32, tma=None, ws=True):
     from k15.kernels.logprobs import Config, _default_config
 
     base = _default_config(DEV, dtype)
@@ -79,6 +79,8 @@ def small_config(chunk_rows, scratch_bytes, dtype=torch.float32, tma=None):
         bwd=base.bwd,
         group_m=base.group_m,
         tma=base.tma if tma is None else tma,
+        ws=ws,
+        fwd_group=base.fwd_group,
         splits=3,
         chunk_rows=chunk_rows,
         scratch_bytes=scratch_bytes,
@@ -123,14 +125,28 @@ def test_logprobs_chunked_backward(ignore_frac):
     check_logprobs(N=61, V=200, H=48, dtype=torch.float32, temperature=1.3, config=cfg, ignore_frac=ignore_frac)
 
 
+@pytest.mark.parametrize("ws", [True, False])
 @pytest.mark.parametrize("ignore_frac", [0.0, 0.25])
-def test_logprobs_tma_path(ignore_frac):
+def test_logprobs_tma_path(ignore_frac, ws):
     # the tensor-descriptor kernels (the CUDA default for 16-bit inputs), forced on: on CPU they run
     # under the interpreter with fp16 (its bf16 dot is unreliable); with ignored rows the forward
-    # gathers valid rows chunk by chunk
+    # gathers valid rows chunk by chunk. ws: the persistent warp-specialized kernels (several units
+    # per program here: the interpreter counts 4 "multiprocessors") or the plain TMA kernels
     dtype = torch.bfloat16 if CUDA else torch.float16
-    cfg = small_config(chunk_rows=24, scratch_bytes=24 * 64 * 2 + 24 * 48 * 4 + 24 * 48 * 2, dtype=dtype, tma="force")
+    cfg = small_config(chunk_rows=24, scratch_bytes=24 * 64 * 2 + 24 * 48 * 4 + 24 * 48 * 2, dtype=dtype, tma="force",
+                       ws=ws)
     check_logprobs(N=61, V=200, H=48, dtype=dtype, temperature=0.9, config=cfg, ignore_frac=ignore_frac)
+
+
+def test_balanced_splits():
+    from k15.kernels.logprobs import _balanced_splits
+
+    # Qwen2.5-7B head at N = 131072 with 128x256 tiles on 132 SMs: 33 splits of 18 tiles, 256 units each
+    assert _balanced_splits(1024, 594, 132) == 33
+    for n_blocks, v_tiles, progs in ((1, 3, 4), (7, 100, 132), (64, 594, 132), (300, 1000, 114)):
+        sp = _balanced_splits(n_blocks, v_tiles, progs)
+        tps = -(-v_tiles // sp)
+        assert 1 <= sp <= v_tiles and -(-v_tiles // tps) == sp
 
 
 def test_logprobs_repeated_targets_no_ignored():
@@ -303,10 +319,11 @@ def test_cuda_logprobs_medium(dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("tma", [False, True])
-def test_cuda_logprobs_chunked_2d_backward(tma):
-    # pointer and TMA kernels; 4 row chunks, several vocabulary slices and a ragged last one
-    cfg = small_config(512, 512 * 1024 * 2 + 512 * 256 * 4, dtype=torch.bfloat16, tma=tma)
+@pytest.mark.parametrize("tma,ws", [(False, False), (True, False), (True, True)])
+def test_cuda_logprobs_chunked_2d_backward(tma, ws):
+    # pointer, plain TMA and warp-specialized kernels; 4 row chunks, several vocabulary slices and a
+    # ragged last one
+    cfg = small_config(512, 512 * 1024 * 2 + 512 * 256 * 4, dtype=torch.bfloat16, tma=tma, ws=ws)
     check_logprobs(N=2000, V=7001, H=256, dtype=torch.bfloat16, config=cfg, scale=6.0)
 
 
