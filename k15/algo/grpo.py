@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from k15.algo.loss import LossStats, sequence_sums
+from k15.algo.loss import LossStats, check_packed, sequence_sums
 
 
 def group_normalized_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -25,9 +25,7 @@ def group_normalized_advantages(rewards: torch.Tensor, group_size: int, eps: flo
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, seq_ids: torch.Tensor, rewards: torch.Tensor,
               group_size: int, clip_eps: float = 0.2) -> tuple[torch.Tensor, LossStats]:
-    if logp.shape != old_logp.shape or logp.shape != seq_ids.shape:
-        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and seq_ids "
-                         f"{tuple(seq_ids.shape)} must have the same shape")
+    check_packed(logp, old_logp, seq_ids)
     num_sequences = rewards.numel()
     advantage = group_normalized_advantages(rewards, group_size)
     keep = seq_ids >= 0
@@ -35,7 +33,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, seq_ids: torch.Tensor,
     ratio = log_ratio.exp()
     adv = advantage[seq]
     per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    tokens_per_seq = torch.zeros(num_sequences, device=logp.device).index_add(0, seq, torch.ones_like(ratio))
+    tokens_per_seq = sequence_sums(torch.ones_like(ratio), seq, num_sequences)
     per_seq = sequence_sums(per_token, seq, num_sequences) / tokens_per_seq.clamp(min=1)
     loss = per_seq.sum() / num_sequences
     stats = LossStats(

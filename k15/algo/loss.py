@@ -29,6 +29,15 @@ class LossStats:
     num_tokens: int
 
 
+def check_packed(logp: torch.Tensor, old_logp: torch.Tensor, seq_ids: torch.Tensor) -> None:
+    """The per-token inputs of a packed batch line up (every policy loss takes them)."""
+    if logp.shape != old_logp.shape or logp.shape != seq_ids.shape:
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and seq_ids "
+            f"{tuple(seq_ids.shape)} must have the same shape"
+        )
+
+
 def sequence_sums(values: torch.Tensor, seq_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """Sum per-token `values` [N] into per-sequence totals [S] in fp32; tokens with seq_id -1 are skipped."""
     keep = seq_ids >= 0
@@ -62,11 +71,7 @@ def mirror_descent_loss(
     """
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
-    if logp.shape != old_logp.shape or logp.shape != seq_ids.shape:
-        raise ValueError(
-            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and seq_ids "
-            f"{tuple(seq_ids.shape)} must have the same shape"
-        )
+    check_packed(logp, old_logp, seq_ids)
     num_sequences = rewards.numel()
     rewards = rewards.float()
     log_ratio = sequence_sums(logp.float() - old_logp.float(), seq_ids, num_sequences)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from k15.algo.loss import LossStats, group_baseline, sequence_sums
+from k15.algo.loss import LossStats, check_packed, group_baseline, sequence_sums
 
 
 def reinforce_loss(logp: torch.Tensor, old_logp: torch.Tensor, seq_ids: torch.Tensor, rewards: torch.Tensor,
                    group_size: int) -> tuple[torch.Tensor, LossStats]:
-    if logp.shape != old_logp.shape or logp.shape != seq_ids.shape:
-        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and seq_ids "
-                         f"{tuple(seq_ids.shape)} must have the same shape")
+    check_packed(logp, old_logp, seq_ids)
     num_sequences = rewards.numel()
     rewards = rewards.float()
     advantage = rewards - group_baseline(rewards, group_size)
