@@ -35,8 +35,8 @@ tests) and the reference otherwise; "triton" and "reference" force one.
 Costs on CUDA (H100, Qwen2.5-7B head, bf16; benchmarks/RESULTS.md): forward one GEMM
 of work (about 1.1x cuBLAS's time) and a few floats per token of memory; forward+backward four GEMMs
 of work (about 1.5x three cuBLAS GEMMs at 128k tokens) and about 0.5 GiB of scratch beyond the
-gradients themselves. Each call synchronises with the host once (validity of the targets) and the
-backward once more (the dWeight target term). `config=k15.kernels.logprobs.Config(...)` overrides
+gradients themselves. Each call synchronises with the host once (validity of the targets); the
+backward does not synchronise. `config=k15.kernels.logprobs.Config(...)` overrides
 tiles and chunking (chunk_rows, scratch_bytes) when memory is tighter or looser.
 """
 

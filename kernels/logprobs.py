@@ -320,12 +320,15 @@ def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _grad_tile(acc, offs_m, offs_n, n, tgt_ptr, lse2_ptr, c_ptr, scale2):
-    """G' = -c * softmax of a tile of logits `acc` (fp32), 0 at each row's target."""
+def _grad_rows(offs_m, n, tgt_ptr, lse2_ptr, c_ptr):
+    """The per-row inputs of the G' epilogue: (target column, lse2, c) of rows offs_m."""
     rows = tl.minimum(offs_m, n - 1)
-    lse2 = tl.load(lse2_ptr + rows)
-    c = tl.load(c_ptr + rows)
-    tgt = tl.load(tgt_ptr + rows)
+    return tl.load(tgt_ptr + rows), tl.load(lse2_ptr + rows), tl.load(c_ptr + rows)
+
+
+@triton.jit
+def _grad_tile(acc, offs_n, tgt, lse2, c, scale2):
+    """G' = -c * softmax of a tile of logits `acc` (fp32), 0 at each row's target."""
     g = -c[:, None] * tl.exp2(acc * scale2 - lse2[:, None])
     return tl.where(offs_n[None, :] == tgt[:, None], 0.0, g)
 
@@ -377,7 +380,8 @@ def _grad_logits_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    g = _grad_tile(acc, offs_m, offs_n, n, tgt_ptr, lse2_ptr, c_ptr, scale2)
+    tgt, lse2, c = _grad_rows(offs_m, n, tgt_ptr, lse2_ptr, c_ptr)
+    g = _grad_tile(acc, offs_n, tgt, lse2, c, scale2)
     mask = (offs_m < n)[:, None] & (offs_n < Vs)[None, :]
     g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gn + offs_n[None, :]
     tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
@@ -410,7 +414,8 @@ def _grad_logits_tma_kernel(
         acc = tl.dot(a, b.T, acc)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = _grad_tile(acc, offs_m, offs_n, n, tgt_ptr, lse2_ptr, c_ptr, scale2)
+    tgt, lse2, c = _grad_rows(offs_m, n, tgt_ptr, lse2_ptr, c_ptr)
+    g = _grad_tile(acc, offs_n, tgt, lse2, c, scale2)
     mask = (offs_m < n)[:, None] & (offs_n < Vs)[None, :]
     g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gn + offs_n[None, :]
     tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
@@ -446,14 +451,16 @@ def _grad_logits_ws_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_progs, warp_specialize=WS):
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # the row inputs are loaded before the K loop, so their latency hides behind the matrix products
+        tgt, lse2, c = _grad_rows(offs_m, n, tgt_ptr, lse2_ptr, c_ptr)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k in range(0, k_tiles):
             a = h_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
             b = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
             acc = tl.dot(a, b.T, acc)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        g = _grad_tile(acc, offs_m, offs_n, n, tgt_ptr, lse2_ptr, c_ptr, scale2)
+        g = _grad_tile(acc, offs_n, tgt, lse2, c, scale2)
         g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], g.to(OUT_DTYPE))  # clipped at the edges
 
 
@@ -494,9 +501,8 @@ def _dw_target_kernel(
     h_ptr,
     perm_ptr,
     coef_ptr,
-    run_start_ptr,
     run_end_ptr,
-    run_tgt_ptr,
+    tgt_sorted_ptr,
     K,
     stride_dw,
     stride_hn,
@@ -505,14 +511,17 @@ def _dw_target_kernel(
 ):
     """dw[v] += sum over tokens i with target v of coef_i * h[i], summed in fp32, rounded once.
 
-    Tokens come sorted by target; one program per (run of equal targets, block of columns).
+    Tokens come sorted by target; one program per (sorted position, block of columns). The program
+    at the first position of a run of equal targets sums the run, [r, run_end[r]); the others have
+    run_end[r] == r and write nothing. (The grid is sized from the token count, so the host needs
+    no count of distinct targets: no synchronisation.)
     """
     r = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = offs < K
-    start = tl.load(run_start_ptr + r)
+    start = r
     end = tl.load(run_end_ptr + r)
-    v = tl.load(run_tgt_ptr + r).to(tl.int64)
+    v = tl.load(tgt_sorted_ptr + r).to(tl.int64)
     acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
     for j0 in range(start, end, BLOCK_R):
         offs_r = j0 + tl.arange(0, BLOCK_R)
@@ -522,8 +531,9 @@ def _dw_target_kernel(
         h = tl.load(h_ptr + tok[:, None] * stride_hn + offs[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         acc += coef[:, None] * h.to(tl.float32)
     total = tl.sum(acc, 0)
-    cur = tl.load(dw_ptr + v * stride_dw + offs, mask=kmask, other=0.0).to(tl.float32)
-    tl.store(dw_ptr + v * stride_dw + offs, (cur + total).to(dw_ptr.dtype.element_ty), mask=kmask)
+    smask = offs < tl.where(end > start, K, 0)  # only a run's first position writes
+    cur = tl.load(dw_ptr + v * stride_dw + offs, mask=smask, other=0.0).to(tl.float32)
+    tl.store(dw_ptr + v * stride_dw + offs, (cur + total).to(dw_ptr.dtype.element_ty), mask=smask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -771,6 +781,26 @@ def _forward(hidden, weight, tgt_c, rows, temperature, entropy, cfg: Config):
     m_p, s_p = part[0], part[1]
     e_p = part[2] if entropy else part[0]
     rows_arg = rows if rows is not None else tgt_c
+    # the target logit first: its small kernel runs while the host prepares the main launch
+    t2 = torch.empty(n, device=dev, dtype=torch.float32)
+    tbm = 16
+    tbk = min(256, triton.next_power_of_2(K))
+    _target_logit_kernel[(triton.cdiv(n, tbm),)](
+        hidden,
+        weight,
+        tgt_c,
+        rows_arg,
+        t2,
+        n,
+        K,
+        hidden.stride(0),
+        weight.stride(0),
+        LOG2E / temperature,
+        HAS_ROWS=rows is not None,
+        BLOCK_M=tbm,
+        BLOCK_K=tbk,
+        num_warps=4,
+    )
     if tma:
         w_desc = _desc(weight, (BN, BK))
         buf = None if rows is None else torch.empty((step, K), device=dev, dtype=hidden.dtype)
@@ -824,25 +854,6 @@ def _forward(hidden, weight, tgt_c, rows, temperature, entropy, cfg: Config):
             num_warps=warps,
             num_stages=stages,
         )
-    t2 = torch.empty(n, device=dev, dtype=torch.float32)
-    tbm = 16
-    tbk = min(256, triton.next_power_of_2(K))
-    _target_logit_kernel[(triton.cdiv(n, tbm),)](
-        hidden,
-        weight,
-        tgt_c,
-        rows_arg,
-        t2,
-        n,
-        K,
-        hidden.stride(0),
-        weight.stride(0),
-        LOG2E / temperature,
-        HAS_ROWS=rows is not None,
-        BLOCK_M=tbm,
-        BLOCK_K=tbk,
-        num_warps=4,
-    )
     m = m_p.max(0).values
     wts = torch.exp2(m_p - m)
     s = (s_p * wts).sum(0)
@@ -944,6 +955,7 @@ def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, n
     # (gathered chunks live in a fresh buffer: aligned; contiguous chunks are row slices of hidden)
     tma = _use_tma(cfg, hidden, weight)
     sms = _num_sms(dev)
+    slice_starts = torch.arange(0, V, vs, device=dev, dtype=tgt_c.dtype)[:, None]
     prof = _Prof(f"backward n={n} V={V} K={K} chunk={chunk} slice={vs}")
     prof.mark("start")
 
@@ -959,12 +971,13 @@ def _backward(hidden, weight, tgt_c, rows, lse2, t2, grad_logp_c, temperature, n
         if need_dh:
             acc = acc_buf[:nc]
             acc.zero_()
-        for v0 in range(0, V, vs):
+        tgt_rel = tgt_c[r0:r1] - slice_starts  # [slices, nc]: targets relative to each slice, one launch
+        for si, v0 in enumerate(range(0, V, vs)):
             v1 = min(V, v0 + vs)
             vw = v1 - v0
             g = g_buf[: nc * ld].view(nc, ld)[:, :vw]
             tiles = triton.cdiv(nc, BM) * triton.cdiv(vw, BN)
-            args = (h_c, weight[v0:v1], tgt_c[r0:r1] - v0, lse2[r0:r1], c[r0:r1], g, nc, vw, K,
+            args = (h_c, weight[v0:v1], tgt_rel[si], lse2[r0:r1], c[r0:r1], g, nc, vw, K,
                     h_c.stride(0), weight.stride(0), g.stride(0), scale2)
             meta = dict(UPCAST=upcast, PRECISION=_precision(dtype), EVEN_K=K % BK == 0, BLOCK_M=BM,
                         BLOCK_N=BN, BLOCK_K=BK, GROUP_M=cfg.group_m, num_warps=warps, num_stages=stages)
@@ -1024,28 +1037,29 @@ def _dw_slice_gemm(dw_s, g, h_c, first: bool) -> None:
 
 
 def _dw_add_target(dw, hidden, tgt_c, rows, coef_t):
-    """dw[v] += sum_{i: t_i = v} coef_t[i] * hidden[row_i], in fp32 per row, one rounding."""
+    """dw[v] += sum_{i: t_i = v} coef_t[i] * hidden[row_i], in fp32 per row, one rounding. No host
+    synchronisation: the runs of equal targets are found on the device."""
     K = hidden.shape[1]
     t_sorted, order = torch.sort(tgt_c.long(), stable=True)
     tok = order if rows is None else rows[order]
     coef_sorted = coef_t[order].contiguous()
     n = t_sorted.numel()
+    idx = torch.arange(n, device=dw.device)
     is_start = torch.ones(n, dtype=torch.bool, device=dw.device)
     is_start[1:] = t_sorted[1:] != t_sorted[:-1]
-    starts = is_start.nonzero().squeeze(1)
-    ends = torch.empty_like(starts)
-    ends[:-1] = starts[1:]
-    ends[-1] = n
-    run_tgt = t_sorted[starts]
+    # run_end[j] for a run start j: the next run start after j (n after the last); j elsewhere
+    starts_or_n = torch.where(is_start, idx, n)
+    next_start = torch.full_like(idx, n)
+    next_start[:-1] = starts_or_n.flip(0).cummin(0).values.flip(0)[1:]
+    run_end = torch.where(is_start, next_start, idx)
     bk = min(1024, triton.next_power_of_2(K))
-    _dw_target_kernel[(starts.numel(), triton.cdiv(K, bk))](
+    _dw_target_kernel[(n, triton.cdiv(K, bk))](
         dw,
         hidden,
         tok.contiguous(),
         coef_sorted,
-        starts,
-        ends,
-        run_tgt,
+        run_end,
+        t_sorted,
         K,
         dw.stride(0),
         hidden.stride(0),
