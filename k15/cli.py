@@ -1,4 +1,5 @@
-"""`k15 train|eval|curate [key=value ...]`: Hydra-composed config, one clear line for any startup error."""
+"""`k15 train|eval|curate|long2short [key=value ...]`: Hydra-composed config, one clear line for any
+startup error."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-USAGE = """usage: k15 {train,eval,curate} [key=value ...]
+USAGE = """usage: k15 {train,eval,curate,long2short} [key=value ...]
 
   k15 train                                  the embedded default: tiny model, built-in task, local Ray
   k15 train algo.tau=0.05 rollout.num_workers=2
@@ -17,6 +18,8 @@ USAGE = """usage: k15 {train,eval,curate} [key=value ...]
   k15 eval model.path=runs/x/checkpoint      pass@k, lengths, per-difficulty accuracy (built-in held-out set)
   k15 eval eval.source=problems.jsonl eval.samples=16 eval.ks=[1,4,16]
   k15 curate curate.source=problems.jsonl    drop unverifiable / easy-to-hack problems, label difficulty
+  k15 long2short method=rl model.path=runs/x/checkpoint       short CoT from long: merge|shortest|dpo|rl
+  k15 long2short method=merge model.path=LONG long2short.short_model=SHORT long2short.merge_weights=[0.7,0.3]
   k15 <command> --cfg                        print the composed config and exit
 """
 
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = {"train": train, "eval": eval_command, "curate": curate_command}
+    commands = {"train": train, "eval": eval_command, "curate": curate_command, "long2short": long2short_command}
     if command not in commands:
         print(f"k15: unknown command '{command}'\n{USAGE}", file=sys.stderr)
         return 2
@@ -87,15 +90,20 @@ class StartupError(Exception):
 
 
 def train(overrides: list[str], print_config: bool = False) -> int:
+    cfg = _setup(overrides, print_config)
+    if cfg is None:
+        return 0
+    return _run_training(cfg)
+
+
+def _run_training(cfg) -> int:
+    """The RL loop of `k15 train` (also long2short's rl method), its summary table and plot."""
     from omegaconf import OmegaConf
 
     from k15.algo.sampler import make_sampler
     from k15.data.dataset import DatasetError, load_datasets
     from k15.trainer.trainer import policy_loss
 
-    cfg = _setup(overrides, print_config)
-    if cfg is None:
-        return 0
     try:  # the prompt set, the sampler over it and the loss, before anything heavy starts
         train_set, _ = load_datasets(cfg.data, cfg.seed)
         make_sampler(cfg.sampler, train_set, cfg.seed)
@@ -197,6 +205,76 @@ def eval_command(overrides: list[str], print_config: bool = False) -> int:
     run_eval(cfg, records, out_dir, e.source or f"held-out set of data.source={cfg.data.source}")
     ray_stop()
     return 0
+
+
+def long2short_command(overrides: list[str], print_config: bool = False) -> int:
+    """`k15 long2short method=merge|shortest|dpo|rl`: a short-CoT policy from the long one at model.path."""
+    from omegaconf import OmegaConf
+
+    from k15.long2short import METHODS, NothingToLearn, held_out_greedy, run_method
+    from k15.metrics import console
+
+    cfg = _setup(overrides, print_config)
+    if cfg is None:
+        return 0
+    l2s = cfg.long2short
+    if l2s.method not in METHODS:
+        raise StartupError(f"pick a method: k15 long2short method={'|'.join(METHODS)} (got {l2s.method})")
+    if not cfg.model.path:
+        raise StartupError("long2short starts from a long-CoT checkpoint: set model.path=<run_dir>/checkpoint "
+                           "(written by k15 train)")
+    _check_long2short(cfg)
+    out_dir = Path(l2s.output or Path("runs") / time.strftime(f"long2short-{l2s.method}-%Y%m%d-%H%M%S"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if l2s.method == "rl":  # the training loop, from the long policy, with conf/method/rl.yaml's settings
+        OmegaConf.update(cfg, "run_dir", str(out_dir))
+        return _run_training(cfg)
+    try:
+        summary = run_method(cfg, out_dir)
+    except (ValueError, NothingToLearn) as e:  # checkpoints that cannot be merged; no correct samples
+        ray_stop()
+        raise StartupError(str(e)) from None
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in summary.items()]
+    if l2s.eval_after:
+        for name, path in (("long policy", cfg.model.path), (f"{l2s.method} policy", summary["checkpoint"])):
+            e = held_out_greedy(cfg, path)
+            rows.append((f"held-out, {name} (greedy)", f"{_pct(e['eval_accuracy'])}, mean length "
+                                                        f"{e['eval_mean_length']:.1f}"))
+    ray_stop()
+    from rich.table import Table
+
+    table = Table(title=f"k15 long2short method={l2s.method}")
+    table.add_column("")
+    table.add_column("value")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    return 0
+
+
+def _check_long2short(cfg) -> None:
+    """Settings a method needs, checked before any model is loaded."""
+    l2s = cfg.long2short
+    if l2s.method == "merge":
+        from k15.long2short.merge import check_compatible
+
+        if not l2s.short_model:
+            raise StartupError("method=merge needs long2short.short_model=<short-CoT checkpoint>")
+        if len(l2s.merge_weights) != 2:
+            raise StartupError(f"long2short.merge_weights needs two weights (model.path, short_model), "
+                               f"got {list(l2s.merge_weights)}")
+        try:
+            check_compatible([Path(cfg.model.path), Path(l2s.short_model)])
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+    elif l2s.method in ("shortest", "dpo"):
+        _positive(**{"long2short.samples": l2s.samples, "long2short.steps": l2s.steps,
+                     "long2short.batch_size": l2s.batch_size, "long2short.problems": l2s.problems})
+        if l2s.method == "dpo" and l2s.beta <= 0:
+            raise StartupError(f"config: long2short.beta must be > 0, got {l2s.beta}")
+        if l2s.method == "dpo" and l2s.longer_factor < 1:
+            raise StartupError(f"config: long2short.longer_factor must be >= 1, got {l2s.longer_factor}")
 
 
 def _check_verifiable(records: list[dict], source: str) -> None:

@@ -144,6 +144,27 @@ class CurateConfig:
 
 
 @dataclass
+class Long2ShortConfig:
+    """`k15 long2short method=merge|shortest|dpo|rl` (paper 2.4, k15/long2short/): a short-CoT policy
+    from the long-CoT one at model.path. `method=` picks conf/method/<name>.yaml, which sets `method`
+    and that method's defaults (rl: the length penalty and max response length, under algo/rollout)."""
+    method: Optional[str] = None
+    output: Optional[str] = None  # run directory; None: runs/long2short-<method>-<timestamp>
+    short_model: Optional[str] = None  # merge: the short-CoT checkpoint averaged with model.path
+    merge_weights: List[float] = field(default_factory=lambda: [0.5, 0.5])  # of (model.path, short_model)
+    problems: int = 1024  # shortest / dpo: training problems sampled from the long policy
+    samples: int = 8  # n samples per problem
+    temperature: float = 1.0
+    steps: int = 200  # shortest (SFT) / dpo: optimizer steps
+    batch_size: int = 32  # examples (dpo: pairs) per step
+    lr: float = 1e-4
+    beta: float = 0.1  # dpo: strength of the preference (and of the pull to the reference)
+    longer_factor: float = 1.5  # dpo: a correct response this many times longer than the chosen is rejected
+    max_pairs_per_problem: int = 4  # dpo
+    eval_after: bool = True  # greedy held-out accuracy and length of the long and the new policy
+
+
+@dataclass
 class K15Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -155,6 +176,7 @@ class K15Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    long2short: Long2ShortConfig = field(default_factory=Long2ShortConfig)
     # Verifier settings (k15.reward.verifiers.RewardConfig: math timeout, sandbox limits); checked
     # at start by RewardConfig.from_dict, which names an unknown key.
     reward: Dict[str, Any] = field(default_factory=dict)

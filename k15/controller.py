@@ -154,8 +154,9 @@ class Controller:
             examples.append((self.tokenizer(p.prompt)["input_ids"],
                              self.tokenizer(solution)["input_ids"] + [self.tokenizer.eos_token_id]))
         console.print(f"warm-up: {tcfg.warmup_steps} SFT steps on {len(examples)} worked examples")
-        out = ray.get(self.trainer.warmup.remote(examples, tcfg.warmup_steps, tcfg.warmup_batch_size,
-                                                 tcfg.warmup_lr, tcfg.warmup_threads))
+        sft = ray.get(self.trainer.sft.remote(examples, tcfg.warmup_steps, tcfg.warmup_batch_size,
+                                              tcfg.warmup_lr, tcfg.warmup_threads))
+        out = {"warmup_loss": sft["loss"], "warmup_seconds": sft["seconds"]}
         console.print(f"warm-up done in {out['warmup_seconds']:.1f}s, loss {out['warmup_loss']:.3f}")
         self.logger.log(out)
         return out

@@ -131,6 +131,10 @@ class RewardPool:
         """Score a table (or a ref to one); returns a ref to the scored table without blocking."""
         return _score_on_pool.remote(self.actors, table_ref, timeout_s or self.timeout_s)
 
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
 
 def dataclass_or_omegaconf_to_dict(config) -> dict:
     try:

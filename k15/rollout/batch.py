@@ -52,9 +52,11 @@ class BatchSampler:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
     def sample(self, records: list[dict], samples: int, params: SamplingParams, prefix: list[int] = (),
-               desc: str = "sampling") -> list[list[dict]]:
-        """Per record, its `samples` scored rows ({reward, length, finish_reason}).
-        A `prefix` starts every response: the engine continues after it, and it is scored with it."""
+               desc: str = "sampling", with_tokens: bool = False) -> list[list[dict]]:
+        """Per record, its `samples` scored rows ({reward, length, finish_reason}, and
+        prompt_tokens and response_tokens `with_tokens`). A `prefix` starts every response: the
+        engine continues after it, and it is scored with it."""
+        keep = KEEP + ["prompt_tokens", "response_tokens"] * with_tokens
         per_chunk = max(1, CHUNK_ROWS // samples)
         pending = {}
         for start in range(0, len(records), per_chunk):
@@ -77,7 +79,13 @@ class BatchSampler:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 done = pending.pop(ready[0])
-                for row in ray.get(ready[0]).select(KEEP).to_pylist():
+                for row in ray.get(ready[0]).select(keep).to_pylist():
                     out[int(row.pop("prompt_id"))].append(row)
                 bar.advance(task, done)
         return out
+
+    def close(self) -> None:
+        """Stop the rollout actors and reward workers (their CPUs go back to the next phase)."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.reward_pool.close()

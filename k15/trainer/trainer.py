@@ -1,4 +1,5 @@
-"""The trainer actor: supervised warm-up, one mirror-descent iteration at a time, weight publishing.
+"""The trainer actor: supervised fine-tuning (the warm-up), DPO, one RL iteration at a time, weight
+publishing.
 
 Each iteration keeps the weights it starts from as the reference pi_theta_i: old log-probs come
 from the same function as the new ones (Delta_j = 0 at the first step), and the optimizer state is
@@ -16,6 +17,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from k15.algo.dpo import dpo_loss
 from k15.algo.grpo import grpo_loss
 from k15.algo.loss import mirror_descent_loss
 from k15.algo.reinforce import reinforce_loss
@@ -78,10 +80,11 @@ class Trainer:
         self.tokenizer.save_pretrained(path)
         return path
 
-    # -- supervised warm-up ------------------------------------------------------------------
-    def warmup(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, lr: float,
-               num_threads: int) -> dict:
-        """Next-token cross-entropy on response tokens of worked examples (the long-CoT warm-up)."""
+    # -- supervised fine-tuning and preference optimisation -----------------------------------
+    def sft(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, lr: float,
+            num_threads: int) -> dict:
+        """Next-token cross-entropy on the response tokens of (prompt, response) examples: the long-CoT
+        warm-up, and shortest-rejection fine-tuning (long2short)."""
         from tqdm import tqdm
 
         torch.set_num_threads(num_threads)
@@ -91,7 +94,7 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         losses, start = [], time.perf_counter()
-        for _ in tqdm(range(steps), desc="warm-up (SFT)", mininterval=2.0, leave=False):
+        for _ in tqdm(range(steps), desc="SFT", mininterval=2.0, leave=False):
             batch = [examples[self.rng.randrange(len(examples))] for _ in range(batch_size)]
             ids, att, resp = pad_batch([p for p, _ in batch], [r for _, r in batch], self.pad_id)
             logp = token_logprobs(self.model, ids.to(self.device), att.to(self.device), 1.0, self.cfg.logprob_impl)
@@ -104,7 +107,45 @@ class Trainer:
             sched.step()
             losses.append(loss.item())
         torch.set_num_threads(self.cfg.num_threads)
-        return {"warmup_loss": float(np.mean(losses[-20:])), "warmup_seconds": time.perf_counter() - start}
+        return {"loss": float(np.mean(losses[-20:])), "seconds": time.perf_counter() - start}
+
+    def dpo(self, triples: list[tuple[list[int], list[int], list[int]]], steps: int, batch_size: int, lr: float,
+            beta: float, num_threads: int) -> dict:
+        """DPO (k15.algo.dpo) on (prompt, chosen, rejected) token lists. The reference is the policy
+        as it is now: its sequence log-probs are computed once, before the first step, through the
+        same log-prob path (trainer.logprob_impl) as the policy's."""
+        from tqdm import tqdm
+
+        torch.set_num_threads(num_threads)
+        start = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad():
+            ref = torch.cat([self._pair_logprobs(triples[i:i + batch_size]) for i in range(0, len(triples), batch_size)])
+        self.model.train()
+        opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+        stats = []
+        for _ in tqdm(range(steps), desc="DPO", mininterval=2.0, leave=False):
+            picks = [self.rng.randrange(len(triples)) for _ in range(batch_size)]
+            logp = self._pair_logprobs([triples[i] for i in picks])
+            loss, st = dpo_loss(logp[:, 0], logp[:, 1], ref[picks, 0], ref[picks, 1], beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            opt.step()
+            stats.append((st.loss, st.accuracy, st.margin))
+        torch.set_num_threads(self.cfg.num_threads)
+        last = np.mean(stats[-20:], axis=0)
+        return {"dpo_loss": float(last[0]), "dpo_pair_accuracy": float(last[1]), "dpo_margin": float(last[2]),
+                "seconds": time.perf_counter() - start}
+
+    def _pair_logprobs(self, triples) -> torch.Tensor:
+        """[pairs, 2] summed response log-probs of (chosen, rejected), both in one padded batch."""
+        prompts = [p for p, _, _ in triples]
+        ids, att, resp = pad_batch(prompts + prompts, [c for _, c, _ in triples] + [r for _, _, r in triples],
+                                   self.pad_id)
+        logp = token_logprobs(self.model, ids.to(self.device), att.to(self.device), 1.0, self.cfg.logprob_impl)
+        sums = (logp * resp.to(self.device)).sum(dim=1)
+        return torch.stack([sums[:len(triples)], sums[len(triples):]], dim=1)
 
     # -- reinforcement learning --------------------------------------------------------------
     def train_iteration(self, table: pa.Table, rewards: list[float] | None = None) -> dict:
