@@ -6,7 +6,8 @@
 All runs start from one shared warm-up checkpoint (the supervised long-CoT warm-up, with the
 self-check the length penalty can remove), so the arms differ only in the switch under test:
 
-- length:      length penalty (paper 2.3.3) off / on, same iterations;
+- length:      length penalty (paper 2.3.3) off / on at two weights, same iterations; each final
+               policy is also evaluated sampled (`k15 eval`, 8 samples at temperature 1);
 - sampling:    uniform / prioritized (/ curriculum) on a task mix where a quarter of the problems
                are hard, accuracy on the hard quarter after a fixed number of iterations;
 - losses:      mirror descent / GRPO (/ REINFORCE) on the built-in task, same budget.
@@ -31,7 +32,9 @@ RL_BASE = ["trainer.warmup_steps=0", "rollout.max_response_tokens=128", "logger=
 
 EXPERIMENTS = {
     # name: (iterations, arms {label: overrides}, extra overrides, metric the acceptance reads)
-    "length": (40, {"off": [], "on": ["algo.length_penalty.weight=0.5", "algo.length_penalty.start_iter=10"]},
+    "length": (80, {"off": [],
+                    "w0.35": ["algo.length_penalty.weight=0.35", "algo.length_penalty.start_iter=10"],
+                    "w0.5": ["algo.length_penalty.weight=0.5", "algo.length_penalty.start_iter=10"]},
                [], "eval_mean_length"),
     "sampling": (15, {"uniform": ["sampler=uniform"], "prioritized": ["sampler=prioritized"],
                       "curriculum": ["sampler=curriculum", "sampler.switch_iter=6"]},
@@ -56,6 +59,23 @@ def k15_train(overrides: list[str], run_dir: Path, log: Path) -> dict:
             sys.exit(f"ablate: k15 train failed (exit {rc}); see {log}")
         print(f"  {run_dir.name}: {time.perf_counter() - start:.0f}s", flush=True)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def k15_eval(checkpoint: Path, out: Path, greedy: bool = False) -> dict:
+    """`k15 eval` of a policy on the held-out set at up to 128 tokens, greedy or 8 samples at
+    temperature 1 (skipped when its results exist): pass@1 and mean response length."""
+    if not (out / "results.json").is_file():
+        settings = ["eval.temperature=0"] if greedy else ["eval.samples=8", "eval.temperature=1.0"]
+        log = out.parent / f"{out.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as f:
+            rc = subprocess.run(["k15", "eval", f"model.path={checkpoint}", "rollout.max_response_tokens=128",
+                                 f"eval.output={out}", "logger=none", *settings],
+                                stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            sys.exit(f"k15 eval failed (exit {rc}); see {log}")
+    results = json.loads((out / "results.json").read_text())
+    return {"accuracy": results["pass_at_k"]["pass@1"], "mean_length": results["lengths"]["mean"]}
 
 
 def _finished(metrics: Path) -> bool:
@@ -116,7 +136,7 @@ def plot(name: str, results: dict, out: Path) -> Path:
 def table(name: str, metric: str, results: dict) -> str:
     lines = [f"### {name} (metric read by the acceptance: {metric})", "",
              "| arm | seeds | held-out acc before | held-out acc after | hard quarter (d6) | held-out mean length | "
-             "RL seconds |", "|---|---|---|---|---|---|---|"]
+             "sampled pass@1 | sampled mean length | RL seconds |", "|---|---|---|---|---|---|---|---|---|"]
 
     def ms(runs, key, pct=True):
         vals = [r[key] for r in runs if r.get(key) is not None]
@@ -129,6 +149,7 @@ def table(name: str, metric: str, results: dict) -> str:
     for arm, runs in results.items():
         lines.append(f"| {arm} | {len(runs)} | {ms(runs, 'eval_accuracy_before')} | {ms(runs, 'eval_accuracy')} | "
                      f"{ms(runs, 'eval_accuracy_d6')} | {ms(runs, 'eval_mean_length', False)} | "
+                     f"{ms(runs, 'sampled_pass@1')} | {ms(runs, 'sampled_mean_length', False)} | "
                      f"{ms(runs, 'rl_seconds', False)} |")
     return "\n".join(lines)
 
@@ -165,7 +186,11 @@ def main() -> None:
                 run_dir.parent.mkdir(parents=True, exist_ok=True)
                 o = (RL_BASE + [f"model.path={checkpoint}", f"algo.num_iters={iters}", f"seed={seed}"]
                      + [e.format(mix=mix) for e in extra] + overrides)
-                results[arm].append(summarize(k15_train(o, run_dir, run_dir.parent / f"{arm}-s{seed}.log")))
+                result = summarize(k15_train(o, run_dir, run_dir.parent / f"{arm}-s{seed}.log"))
+                if name == "length":  # greedy decoding hides how often the policy still self-checks
+                    sampled = k15_eval(run_dir / "checkpoint", run_dir / "eval-sampled")
+                    result.update({"sampled_pass@1": sampled["accuracy"], "sampled_mean_length": sampled["mean_length"]})
+                results[arm].append(result)
         summary[name] = {"metric": metric, "iterations": iters, "results": results}
         summary_path.write_text(json.dumps(summary, indent=1))
         print(f"plot: {plot(name, results, out)}")
