@@ -44,6 +44,15 @@ EXPERIMENTS = {
 }
 
 
+def run_k15(args: list[str], log: Path) -> None:
+    """`k15 <args>` in a subprocess with its output in `log`; stops the script if it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        rc = subprocess.run(["k15", *args], stdout=out, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        sys.exit(f"k15 {args[0]} failed (exit {rc}); see {log}")
+
+
 def k15_train(overrides: list[str], run_dir: Path, log: Path) -> dict:
     """One `k15 train` in a subprocess (skipped when its summary exists); returns its records."""
     metrics = run_dir / "metrics.jsonl"
@@ -52,11 +61,7 @@ def k15_train(overrides: list[str], run_dir: Path, log: Path) -> dict:
             for f in run_dir.glob("metrics.jsonl"):
                 f.unlink()  # a run cut short starts over
         start = time.perf_counter()
-        with log.open("w") as out:
-            rc = subprocess.run(["k15", "train", *overrides, f"run_dir={run_dir}"], stdout=out,
-                                stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            sys.exit(f"ablate: k15 train failed (exit {rc}); see {log}")
+        run_k15(["train", *overrides, f"run_dir={run_dir}"], log)
         print(f"  {run_dir.name}: {time.perf_counter() - start:.0f}s", flush=True)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
@@ -66,14 +71,8 @@ def k15_eval(checkpoint: Path, out: Path, greedy: bool = False) -> dict:
     temperature 1 (skipped when its results exist): pass@1 and mean response length."""
     if not (out / "results.json").is_file():
         settings = ["eval.temperature=0"] if greedy else ["eval.samples=8", "eval.temperature=1.0"]
-        log = out.parent / f"{out.name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as f:
-            rc = subprocess.run(["k15", "eval", f"model.path={checkpoint}", "rollout.max_response_tokens=128",
-                                 f"eval.output={out}", "logger=none", *settings],
-                                stdout=f, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            sys.exit(f"k15 eval failed (exit {rc}); see {log}")
+        run_k15(["eval", f"model.path={checkpoint}", "rollout.max_response_tokens=128", f"eval.output={out}",
+                 "logger=none", *settings], out.parent / f"{out.name}.log")
     results = json.loads((out / "results.json").read_text())
     return {"accuracy": results["pass_at_k"]["pass@1"], "mean_length": results["lengths"]["mean"]}
 

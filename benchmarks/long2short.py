@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from ablate import RL_BASE, WARMUP, k15_eval, k15_train
+from ablate import RL_BASE, WARMUP, k15_eval, k15_train, run_k15
 
 LONG_ITERS = 80
 SHORT_SFT = ["trainer.warmup_steps=300", "data.check_fraction=0.0"]  # short CoT: worked solutions without checks
@@ -43,18 +41,11 @@ METHODS = {
 }
 
 
-def run(cmd: list[str], log: Path) -> None:
-    with log.open("w") as out:
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        sys.exit(f"long2short bench: {' '.join(cmd[:3])} failed (exit {rc}); see {log}")
-
-
 def long2short(method: str, long_ckpt: Path, out: Path, extra: list[str]) -> Path:
     """`k15 long2short` into `out` (skipped when its checkpoint exists)."""
     if not (out / "checkpoint" / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        run(["k15", "long2short", f"method={method}", f"model.path={long_ckpt}", f"long2short.output={out}",
+        run_k15(["long2short", f"method={method}", f"model.path={long_ckpt}", f"long2short.output={out}",
              "rollout.max_response_tokens=128", "logger=none", "long2short.eval_after=false", *extra],
             out.parent / f"{out.name}.log")
     return out / "checkpoint"
