@@ -15,6 +15,7 @@ USAGE = """usage: k15 {train,eval,curate,long2short} [key=value ...]
   k15 train                                  the embedded default: tiny model, built-in task, local Ray
   k15 train algo.tau=0.05 rollout.num_workers=2
   k15 train model=hf model.path=/models/my-lm data.source=prompts.jsonl
+  k15 train resume=runs/x                    continue a run from its newest checkpoint (or resume=latest)
   k15 eval model.path=runs/x/checkpoint      pass@k, lengths, per-difficulty accuracy (built-in held-out set)
   k15 eval eval.source=problems.jsonl eval.samples=16 eval.ks=[1,4,16]
   k15 curate curate.source=problems.jsonl    drop unverifiable / easy-to-hack problems, label difficulty
@@ -90,17 +91,35 @@ class StartupError(Exception):
 
 
 def train(overrides: list[str], print_config: bool = False) -> int:
+    from k15.checkpoint import CheckpointError
+    from k15.resume import ResumeError, check_compatible, resume_overrides, resume_value
+
+    ckpt = None
+    if resume_value(overrides):
+        try:
+            overrides, ckpt = resume_overrides(overrides)
+        except CheckpointError as e:
+            raise StartupError(str(e)) from None
     cfg = _setup(overrides, print_config)
     if cfg is None:
         return 0
-    return _run_training(cfg)
+    if ckpt is not None:
+        try:
+            check_compatible(cfg, ckpt)
+        except (ResumeError, OSError) as e:
+            raise StartupError(str(e)) from None
+    return _run_training(cfg, overrides)
 
 
-def _run_training(cfg) -> int:
-    """The RL loop of `k15 train` (also long2short's rl method), its summary table and plot."""
+def _run_training(cfg, overrides: list[str] = ()) -> int:
+    """The RL loop of `k15 train` (also long2short's rl method), its summary table and plot. If the
+    trainer or the buffer dies, the run goes on from its newest intact checkpoint (at most
+    checkpoint.max_failures times)."""
     from omegaconf import OmegaConf
 
+    from k15 import checkpoint
     from k15.algo.sampler import make_sampler
+    from k15.resume import save_overrides
     from k15.data.dataset import DatasetError, load_datasets
     from k15.trainer.trainer import policy_loss
 
@@ -111,15 +130,33 @@ def _run_training(cfg) -> int:
     except (DatasetError, OSError, ValueError) as e:
         raise StartupError(str(e)) from None
 
-    from k15.controller import Controller
+    import ray
+
+    from k15.controller import Controller, RunFailed
     from k15.metrics import console
 
     run_dir = Path(cfg.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    resume_from = Path(cfg.resume) if cfg.resume else None
+    if resume_from is None:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    save_overrides(run_dir, list(overrides))
     start = time.perf_counter()
-    controller = Controller(cfg, run_dir)
-    summary = controller.run()
+    for failures in range(cfg.checkpoint.max_failures + 1):
+        controller = Controller(cfg, run_dir, resume_from)
+        try:
+            summary = controller.run()
+            break
+        except (RunFailed, ray.exceptions.RayActorError) as e:
+            controller.logger.finish()
+            ray_stop()
+            resume_from = checkpoint.newest_intact(run_dir)
+            if resume_from is None or failures == cfg.checkpoint.max_failures:
+                why = "no intact checkpoint to restart from" if resume_from is None else \
+                    f"it failed {failures + 1} times (checkpoint.max_failures={cfg.checkpoint.max_failures})"
+                raise StartupError(f"{e}; the run stops: {why}") from None
+            console.print(f"[red]{e}[/]\n[yellow]restarting from {resume_from} "
+                          f"(failure {failures + 1} of at most {cfg.checkpoint.max_failures})[/]")
     ray_stop()
     summary["wall_seconds"] = time.perf_counter() - start
     plot = controller.logger.plot()
@@ -129,6 +166,7 @@ def _run_training(cfg) -> int:
             ("warm-up seconds", f"{summary.get('warmup_seconds', 0):.1f}"),
             ("RL seconds", f"{summary['rl_seconds']:.1f}"),
             ("trained samples", str(summary["trained_samples"])),
+            ("rollout actor failures recovered", str(summary.get("rollout_failures", 0))),
             ("wall seconds", f"{summary['wall_seconds']:.1f}"),
             ("run dir", str(run_dir)), ("plot", str(plot))]
     controller.logger.summary_table(rows)

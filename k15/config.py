@@ -115,6 +115,15 @@ class ClusterConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local Ray
     num_cpus: Optional[int] = None  # logical CPUs of a local Ray (None: enough for the actors)
     reward_workers: int = 1
+    max_actor_restarts: int = 5  # Ray restarts a rollout or reward actor whose process dies this often
+
+
+@dataclass
+class CheckpointConfig:
+    """Run checkpoints for `k15 train resume=<run dir>` (k15/checkpoint.py)."""
+    every: int = 10  # iterations between checkpoints (0: none; the final policy is saved either way)
+    keep: int = 3  # newest checkpoints kept; older ones are deleted once a new one is complete
+    max_failures: int = 3  # times a run restarts itself from its newest checkpoint when an actor it cannot replace dies
 
 
 @dataclass
@@ -177,6 +186,7 @@ class K15Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     long2short: Long2ShortConfig = field(default_factory=Long2ShortConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Verifier settings (k15.reward.verifiers.RewardConfig: math timeout, sandbox limits); checked
     # at start by RewardConfig.from_dict, which names an unknown key.
     reward: Dict[str, Any] = field(default_factory=dict)
@@ -184,3 +194,7 @@ class K15Config:
     run_dir: Optional[str] = None  # None: runs/<timestamp>; the final policy goes to <run_dir>/checkpoint
     eval_before: bool = True
     eval_after: bool = True
+    resume: Optional[str] = None  # a run dir, one of its checkpoints, or `latest`: continue that run
+    # Same seed, same run, bit for bit on CPU: rollout waves in lockstep, no overlap of rollouts
+    # with training, deterministic torch kernels. Slower; for debugging and resume tests.
+    deterministic: bool = False

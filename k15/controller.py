@@ -1,13 +1,19 @@
 """The master (paper 2.6): runs RL iterations over Ray actors.
 
-    warm up -> publish weights -> evaluate
+    warm up -> publish weights -> evaluate            (or: restore a checkpoint)
     for each iteration:
         keep rollout actors busy (fresh prompts x k, plus unfinished segments to resume),
             within the staleness bound; scored samples land in the replay buffer
         take complete groups of k from the buffer
         trainer: old log-probs, mirror-descent step(s)  (rollouts go on meanwhile)
         publish the new weights to every rollout actor
+        every checkpoint.every iterations: checkpoint
     evaluate, summarise
+
+Failures: a rollout actor that dies is restarted by Ray; the segments of its wave go back to the
+buffer (re-queued once) and it rejoins the weight broadcast before it generates again. Reward
+actors are restarted and their call retried by Ray. If the trainer or the buffer dies, run()
+raises RunFailed and `k15 train` restarts the run from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +30,10 @@ import pyarrow as pa
 import ray
 from omegaconf import OmegaConf
 
+from k15 import checkpoint
 from k15.algo.length_penalty import length_rewards, penalty_weight
 from k15.algo.sampler import make_sampler
+from k15.atomic import atomic_write_text
 from k15.buffer import ReplayBuffer
 from k15.data import arithmetic
 from k15.data.dataset import builtin_problems, load_datasets
@@ -32,7 +41,7 @@ from k15.evaluate import evaluate, fresh_rows
 from k15.metrics import RunLogger, console
 from k15.models import load_policy_tokenizer
 from k15.reward.pool import RewardPool
-from k15.rollout.actor import RolloutActor
+from k15.rollout.actor import NeedsWeights, RolloutActor
 from k15.rollout.engine import SamplingParams
 from k15.schema import SEGMENT_SCHEMA
 from k15.sync.broadcast import new_group_info
@@ -50,10 +59,23 @@ def init_ray(cluster_cfg, cpus_needed: int) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
+class RunFailed(RuntimeError):
+    """The trainer or the replay buffer died: the run can only go on from a checkpoint."""
+
+
+@dataclass
+class Wave:
+    """One rollout call on one actor, and what it took: given back to the buffer if the actor dies."""
+    actor_index: int
+    table: pa.Table
+    generated: ray.ObjectRef
+
+
 class Controller:
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path, resume_from: Path | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.algo, self.rcfg = cfg.algo, cfg.rollout
+        self.overlap = self.rcfg.overlap and not cfg.deterministic
         self.k = cfg.algo.samples_per_prompt
         self.tokenizer = load_policy_tokenizer(cfg.model)
         self.train_set, self.eval_set = load_datasets(cfg.data, cfg.seed)
@@ -61,45 +83,51 @@ class Controller:
         self.eval_tokens = [self.tokenizer(r["prompt"])["input_ids"] for r in self.eval_set]
         self.sampler = make_sampler(cfg.sampler, self.train_set, cfg.seed)
         self.problem_index = {r["prompt_id"]: i for i, r in enumerate(self.train_set)}
+        self.start_iter = checkpoint.iteration_of(resume_from) + 1 if resume_from else 1
         self.logger = RunLogger(self.run_dir, OmegaConf.to_container(cfg), cfg.logger.backend,
-                                cfg.logger.project, cfg.logger.mode)
+                                cfg.logger.project, cfg.logger.mode, resume_after=self.start_iter - 1 if resume_from else None)
+        self.samples_log = self.run_dir / "trained_samples.jsonl"  # which samples each iteration trained on
 
         n = self.rcfg.num_workers
         init_ray(cfg.cluster, cpus_needed=1 + n)
         tokenizer_dir = cfg.model.tokenizer or cfg.model.path
         self.buffer = ReplayBuffer.remote(self.k)
+        restarts = cfg.cluster.max_actor_restarts
         self.reward_pool = RewardPool(cfg.cluster.reward_workers, tokenizer_dir, self.rcfg.repeat_penalty,
-                                      config=cfg.reward)
+                                      config=cfg.reward, max_restarts=restarts)
         self.trainer = Trainer.options(num_cpus=1).remote(cfg.model, cfg.trainer, cfg.algo, self.rcfg.temperature,
-                                                          cfg.seed, cfg.trainer.device)
-        self.rollouts = [RolloutActor.options(num_cpus=1).remote(cfg.model, cfg.seed, self.rcfg.num_threads,
-                                                                 self.rcfg.device) for _ in range(n)]
-        info = new_group_info(world_size=1 + n)
-        bucket = self.rcfg.bucket_mb << 20
-        ray.get([self.trainer.init_sync.remote(info, bucket)]
-                + [a.init_sync.remote(info, i + 1, bucket) for i, a in enumerate(self.rollouts)])
+                                                          cfg.seed, cfg.trainer.device, cfg.deterministic)
+        self.rollouts = [RolloutActor.options(num_cpus=1, max_restarts=restarts).remote(
+            cfg.model, cfg.seed, self.rcfg.num_threads, self.rcfg.device, follows_trainer=True) for _ in range(n)]
+        self.connect_weights()
         self.weight_meta = ray.get(self.trainer.weight_meta.remote())
         self.version = 0
         self.waves_launched = 0  # one wave = one rollout call on one actor
-        self.inflight: dict[ray.ObjectRef, int] = {}  # buffer.add ref -> actor index
-        self.draws = 0
+        self.inflight: dict[ray.ObjectRef, Wave] = {}  # buffer.add ref -> its wave
         self.prompts_launched = 0  # fresh prompts drawn so far (each fans out to k samples)
+        self.stale_actors: set[int] = set()  # restarted rollout actors waiting for the next publish
+        self.training = False  # a trainer step is running (weights cannot be published meanwhile)
+        self.rollout_failures = 0
+        if resume_from:
+            self.restore(resume_from)
 
     # -- the paper's loop ---------------------------------------------------------------------
     def run(self) -> dict:
         summary = {"run_dir": str(self.run_dir)}
-        summary.update(self.warmup())
-        self.publish_weights()
-        if self.cfg.eval_before:
+        fresh_start = self.start_iter == 1
+        if fresh_start:
+            summary.update(self.warmup())
+        self.publish_weights(self.version)
+        if self.cfg.eval_before and fresh_start:
             summary["accuracy_before"] = self.evaluate(iteration=0)["eval_accuracy"]
         start = time.perf_counter()
-        for it in range(1, self.algo.num_iters + 1):
+        for it in range(self.start_iter, self.algo.num_iters + 1):
             t0 = time.perf_counter()
             batch = self.collect_groups(it)
             t1 = time.perf_counter()
             self.record_success(batch)
             rewards, shaping = self.shaped_rewards(batch, it)
-            train = self.wait_keeping_rollouts_busy(self.trainer.train_iteration.remote(batch, rewards), it)
+            train = self.train(batch, rewards, it)
             t2 = time.perf_counter()
             self.publish_weights(version=train["version"])
             t3 = time.perf_counter()
@@ -107,7 +135,10 @@ class Controller:
                        "sync_seconds": t3 - t2, "iter_seconds": t3 - t0,
                        "tokens_per_s": train["trained_tokens"] / max(t3 - t0, 1e-9)}
             self.logger.log(metrics, step=it)
+            self.log_trained_samples(it, batch)
             console.print(self.logger.iteration_line(metrics))
+            if self.cfg.checkpoint.every > 0 and it % self.cfg.checkpoint.every == 0:
+                self.save_state(it)
         self.drain()
         summary["rl_seconds"] = time.perf_counter() - start
         summary["trained_samples"] = self.algo.num_iters * self.algo.prompts_per_iter * self.k
@@ -115,7 +146,21 @@ class Controller:
             summary["accuracy_after"] = self.evaluate(iteration=self.algo.num_iters)["eval_accuracy"]
         summary["checkpoint"] = self.save_checkpoint()
         summary["buffer"] = ray.get(self.buffer.stats.remote())
+        summary["rollout_failures"] = self.rollout_failures
         return summary
+
+    def train(self, batch: pa.Table, rewards: list[float], it: int) -> dict:
+        self.training = True
+        try:
+            return self.wait_keeping_rollouts_busy(self.trainer.train_iteration.remote(batch, rewards), it)
+        except ray.exceptions.RayActorError as e:
+            raise RunFailed(f"the trainer died in iteration {it}: {e}") from e
+        finally:
+            self.training = False
+
+    def log_trained_samples(self, it: int, batch: pa.Table) -> None:
+        with self.samples_log.open("a") as f:
+            f.write(json.dumps({"iter": it, "sample_ids": batch["sample_id"].to_pylist()}) + "\n")
 
     def shaped_rewards(self, batch: pa.Table, it: int) -> tuple[list[float], dict]:
         """The verifier's rewards plus the length reward (paper 2.3.3), once it is warmed up."""
@@ -161,12 +206,90 @@ class Controller:
         self.logger.log(out)
         return out
 
+    def connect_weights(self) -> None:
+        """A fresh broadcast group of the trainer (rank 0) and every rollout actor; also how an actor
+        Ray restarted gets back in (the old group lost a member and cannot be used again)."""
+        info = new_group_info(world_size=1 + len(self.rollouts))
+        bucket = self.rcfg.bucket_mb << 20
+        ray.get([self.trainer.init_sync.remote(info, bucket)]
+                + [a.init_sync.remote(info, i + 1, bucket) for i, a in enumerate(self.rollouts)])
+        self.sync_group = info.master_port
+
     def publish_weights(self, version: int = 0) -> None:
         """Bucketed broadcast from the trainer into every rollout actor; the actors swap the new
-        weights in between decoding steps, even in the middle of a rollout."""
-        ray.get([self.trainer.publish.remote()]
-                + [a.receive_weights.remote(self.weight_meta, version) for a in self.rollouts])
+        weights in between decoding steps, even in the middle of a rollout. Restarted actors (also
+        those that died while idle) rejoin the broadcast group first."""
+        for attempt in (1, 2):
+            states = [self._sync_state(a) for a in self.rollouts]
+            self.stale_actors |= {i for i, (group, _) in enumerate(states) if group != self.sync_group}
+            if self.stale_actors:
+                console.print(f"[yellow]rollout actor(s) {sorted(self.stale_actors)} restarted: "
+                              f"rebuilding the weight broadcast group[/]")
+                self.connect_weights()
+            try:
+                ray.get([self.trainer.publish.remote()]
+                        + [a.receive_weights.remote(self.weight_meta, version) for a in self.rollouts])
+                break
+            except (ray.exceptions.RayActorError, RuntimeError) as e:  # a receiver died mid-broadcast
+                if attempt == 2 or not self._trainer_alive():
+                    raise RunFailed(f"publishing weights version {version} failed: {e}") from e
+                console.print(f"[yellow]weight broadcast failed ({type(e).__name__}); retrying[/]")
+                self.stale_actors = set(range(len(self.rollouts)))
+        self.stale_actors.clear()
         self.version = version
+
+    @staticmethod
+    def _sync_state(actor, timeout_s: float = 300.0):
+        """The actor's sync_state, waiting while Ray restarts it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(actor.sync_state.remote())
+            except ray.exceptions.ActorUnavailableError:  # restarting: its constructor takes seconds
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+            except ray.exceptions.ActorDiedError as e:
+                raise RunFailed(f"a rollout actor died for good (more than cluster.max_actor_restarts): {e}") from e
+
+    def _trainer_alive(self) -> bool:
+        try:
+            ray.get(self.trainer.pid.remote(), timeout=60)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_state(self, it: int) -> Path:
+        """Everything to continue after iteration `it` (k15/checkpoint.py), taken with no rollout in
+        flight so that the buffer holds every segment."""
+        self.drain()
+        with checkpoint.writing(self.run_dir, it, self.cfg.checkpoint.keep) as tmp:
+            ray.get(self.trainer.save_state.remote(str(tmp)))
+            snapshot = ray.get(self.buffer.snapshot.remote())
+            checkpoint.write_buffer(tmp, snapshot)
+            state = {"iteration": it, "version": self.version, "waves_launched": self.waves_launched,
+                     "prompts_launched": self.prompts_launched, "buffer_counts": snapshot["counts"],
+                     "sampler": self.sampler.state_dict()}
+            (tmp / "controller.json").write_text(json.dumps(state))
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        path = checkpoint.checkpoints_dir(self.run_dir) / f"{checkpoint.PREFIX}{it:06d}"
+        console.print(f"checkpoint: {path}")
+        return path
+
+    def restore(self, path: Path) -> None:
+        """The state save_state wrote, into the freshly started actors."""
+        state = json.loads((path / "controller.json").read_text())
+        version = ray.get(self.trainer.load_state.remote(str(path)))
+        ray.get(self.buffer.restore.remote({**checkpoint.read_buffer(path), "counts": state["buffer_counts"]}))
+        self.sampler.load_state_dict(state["sampler"])
+        self.version, self.waves_launched = version, state["waves_launched"]
+        self.prompts_launched = state["prompts_launched"]
+        self.start_iter = state["iteration"] + 1
+        lines = self.samples_log.read_text().splitlines() if self.samples_log.exists() else []
+        kept = [line for line in lines if json.loads(line)["iter"] <= state["iteration"]]
+        atomic_write_text(self.samples_log, "".join(line + "\n" for line in kept))
+        console.print(f"resumed from {path}: iteration {state['iteration']}, policy version {version}")
 
     def save_checkpoint(self) -> str:
         """The policy (a Hugging Face directory: `model.path=` loads it) and the sampler's state."""
@@ -177,7 +300,14 @@ class Controller:
 
     def evaluate(self, iteration: int) -> dict:
         self.drain()  # held-out numbers come from the current weights only
-        out = evaluate(self.rollouts, self.reward_pool, self.eval_set, self.eval_tokens, self.rcfg.max_response_tokens)
+        try:
+            out = evaluate(self.rollouts, self.reward_pool, self.eval_set, self.eval_tokens,
+                           self.rcfg.max_response_tokens)
+        except (ray.exceptions.RayActorError, NeedsWeights):  # a rollout actor died: once more, all synced
+            console.print("[yellow]a rollout actor died during evaluation; evaluating again[/]")
+            self.publish_weights(self.version)
+            out = evaluate(self.rollouts, self.reward_pool, self.eval_set, self.eval_tokens,
+                           self.rcfg.max_response_tokens)
         self.logger.log({"iter": iteration, **out}, step=iteration)
         console.print(f"held-out accuracy at iteration {iteration}: {out['eval_accuracy']:.3f} on "
                       f"{out['eval_problems']} problems (greedy), mean length {out['eval_mean_length']:.1f}")
@@ -193,15 +323,19 @@ class Controller:
                 break
             if not self.inflight:
                 raise RuntimeError("no rollout in flight and too few complete groups: nothing can finish them")
-            self._wait_one()
-        if not self.rcfg.overlap:
+            if self.cfg.deterministic:
+                self.drain()  # lockstep: the next waves do not depend on which one finished first
+            else:
+                self._wait_one()
+        if not self.overlap:
             self.drain()  # strictly alternate: no rollout runs while the trainer steps
-        return ray.get(self.buffer.take_groups.remote(need))
+        batch = ray.get(self.buffer.take_groups.remote(need))
+        return in_draw_order(batch) if self.cfg.deterministic else batch
 
     def wait_keeping_rollouts_busy(self, ref, it: int):
         """Wait for `ref` (a training step) while idle rollout actors start new waves."""
         while True:
-            if self.rcfg.overlap:
+            if self.overlap:
                 self.launch_waves(it)
             ready, _ = ray.wait([ref] + list(self.inflight), num_returns=1)
             if ref in ready:
@@ -212,10 +346,10 @@ class Controller:
         """Start a wave on every idle actor. Fresh prompts may be drawn for iterations up to
         version + 1 + max_staleness (with overlap off: only for the next iteration); unfinished
         segments are always resumed, since the groups they belong to are already counted."""
-        lead = self.rcfg.max_staleness if self.rcfg.overlap else 0
-        busy = set(self.inflight.values())
+        lead = self.rcfg.max_staleness if self.overlap else 0
+        busy = {wave.actor_index for wave in self.inflight.values()}
         for i in range(len(self.rollouts)):
-            if i in busy:
+            if i in busy or i in self.stale_actors:
                 continue
             room = (self.version + 1 + lead) * self.algo.prompts_per_iter - self.prompts_launched
             if not self.launch_wave(i, max_fresh=max(0, room)):
@@ -233,10 +367,10 @@ class Controller:
             return False
         iteration = self.prompts_launched // self.algo.prompts_per_iter + 1  # the one these prompts feed
         picks = self.sampler.sample(num_fresh, iteration) if num_fresh else []
+        # "@<draw number>": a problem drawn twice gets distinct sample ids, the same in every run of a seed
+        rows = [row for n, i in enumerate(picks, start=self.prompts_launched + 1)
+                for row in fresh_rows([self.train_set[i]], [self.train_tokens[i]], self.k, f"@{n}")]
         self.prompts_launched += num_fresh
-        self.draws += 1
-        rows = [row for n, i in enumerate(picks)  # a problem drawn twice still gets distinct sample ids
-                for row in fresh_rows([self.train_set[i]], [self.train_tokens[i]], self.k, f"@{self.draws}.{n}")]
         table = pa.concat_tables([resume, pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA)])
         params = SamplingParams(temperature=self.rcfg.temperature, top_p=self.rcfg.top_p,
                                 max_response_tokens=self.rcfg.max_response_tokens, token_budget=self.rcfg.token_budget,
@@ -244,7 +378,7 @@ class Controller:
                                 seed=self.cfg.seed * 1_000_003 + self.waves_launched)
         generated = self.rollouts[actor_index].rollout.remote(table, params)
         added = self.buffer.add.remote(self.reward_pool.score(generated))
-        self.inflight[added] = actor_index
+        self.inflight[added] = Wave(actor_index, table, generated)
         self.waves_launched += 1
         return True
 
@@ -254,12 +388,48 @@ class Controller:
 
     def _finish(self, refs) -> None:
         for ref in refs:
-            self.inflight.pop(ref, None)
-            ray.get(ref)  # surfaces an actor's error here
+            wave = self.inflight.pop(ref)
+            try:
+                ray.get(ref)  # surfaces an actor's error here
+            except Exception as e:
+                if not _failed_with_actor(wave.generated):
+                    if isinstance(e, ray.exceptions.RayActorError):
+                        raise RunFailed(f"the replay buffer died: {e}") from e
+                    raise
+                self.requeue(wave, e)
+
+    def requeue(self, wave: Wave, error: Exception) -> None:
+        """The wave's actor died (or came back without weights): its segments go back to the buffer
+        for the next wave, and the actor waits for the weights before it generates again."""
+        self.rollout_failures += 1
+        what = "came back without weights" if isinstance(error, NeedsWeights) else "died"
+        n = ray.get(self.buffer.requeue.remote(wave.table))
+        console.print(f"[yellow]rollout actor {wave.actor_index} {what} during a wave; "
+                      f"{n} of its {wave.table.num_rows} segments re-queued[/]")
+        self.stale_actors.add(wave.actor_index)
+        if not self.training:  # else the publish after the trainer step reconnects it
+            self.publish_weights(self.version)
 
     def drain(self) -> None:
         while self.inflight:
             self._wait_one()
+
+
+def in_draw_order(batch: pa.Table) -> pa.Table:
+    """Groups in the order their prompts were drawn ("<problem>@<draw>"), not the order they finished."""
+    draw = [int(pid.rsplit("@", 1)[1]) for pid in batch["prompt_id"].to_pylist()]
+    return batch.take(np.lexsort((batch["sample_idx"].to_numpy(), draw)))
+
+
+def _failed_with_actor(ref: ray.ObjectRef) -> bool:
+    """Whether a rollout call failed because its actor died or was restarted."""
+    try:
+        ray.get(ref)
+        return False
+    except (ray.exceptions.RayActorError, NeedsWeights):
+        return True
+    except Exception:
+        return False
 
 
 def batch_metrics(batch: pa.Table) -> dict:

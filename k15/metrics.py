@@ -7,18 +7,27 @@ import os
 from pathlib import Path
 
 from rich.console import Console
+
+from k15.atomic import atomic_write_text
 from rich.table import Table
 
 console = Console(highlight=False)
 
 
 class RunLogger:
+    """resume_after: continue a run resumed from the checkpoint of that iteration: the records up to
+    it are kept, later ones (written by the run that died) dropped, and the same wandb run goes on."""
+
     def __init__(self, run_dir: Path, config: dict, backend: str = "wandb", project: str = "k15",
-                 mode: str | None = None):
+                 mode: str | None = None, resume_after: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self.history: list[dict] = []
+        if resume_after is not None and self.path.exists():
+            records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.history = [r for r in records if r.get("iter", 0) <= resume_after and not r.get("summary")]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         self.wandb = None
         if backend == "wandb":
             import wandb
@@ -26,8 +35,12 @@ class RunLogger:
             if mode is None:  # online only for a user who is logged in
                 mode = "online" if (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()) else "offline"
             os.environ.setdefault("WANDB_SILENT", "true")
+            id_file = self.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if resume_after is not None and id_file.exists() else None
             self.wandb = wandb.init(project=project, dir=str(self.run_dir), config=config, mode=mode,
+                                    id=run_id, resume="allow" if run_id else None,
                                     settings=wandb.Settings(console="off"))
+            atomic_write_text(id_file, self.wandb.id)
         elif backend != "none":
             raise ValueError(f"logger.backend must be 'wandb' or 'none', got {backend!r}")
 

@@ -44,6 +44,12 @@ def make_sample_id(prompt_id: str, sample_idx: int) -> str:
     return f"{prompt_id}#{sample_idx}"
 
 
+def segment_ids(table: pa.Table) -> list[str]:
+    """A segment's id: "<sample_id>/<num_segments>", unique per run (each rollout call that writes a
+    sample increments num_segments), so the buffer can drop a segment written twice."""
+    return [f"{s}/{n}" for s, n in zip(table["sample_id"].to_pylist(), table["num_segments"].to_pylist())]
+
+
 def segments_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     """Build a validated table from row dicts (missing optional fields become null)."""
     rows = list(rows)

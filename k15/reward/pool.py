@@ -90,10 +90,14 @@ def score_table(table: pa.Table, tokenizer_decode, repeat_penalty: float = 0.0, 
     return _with_reasons(table, reasons)
 
 
-@ray.remote(num_cpus=0, max_restarts=3, max_task_retries=1)
+@ray.remote(num_cpus=0, max_restarts=5, max_task_retries=1)  # scoring is idempotent: safe to retry
 class RewardActor:
     def __init__(self, tokenizer_path: str, repeat_penalty: float = 0.0, config: dict | None = None):
         from k15.models.tokenizer import load_tokenizer
+        from k15.rollout.actor import was_restarted
+
+        if was_restarted():
+            log.warning("reward actor restarted after its process died; Ray retries the call it was running")
 
         self._tokenizer = load_tokenizer(tokenizer_path)
         self._repeat_penalty = repeat_penalty
@@ -115,16 +119,18 @@ class RewardPool:
 
     config: the `reward:` options (k15.reward.verifiers.RewardConfig fields, dict or OmegaConf).
     timeout_s: deadline for one actor call (a backstop: every sample has its own limits).
+    max_restarts: how often Ray restarts an actor whose process dies.
     """
 
     def __init__(self, num_actors: int, tokenizer_path: str, repeat_penalty: float = 0.0,
-                 config: dict | None = None, timeout_s: float = 600.0):
+                 config: dict | None = None, timeout_s: float = 600.0, max_restarts: int = 5):
         if num_actors < 1:
             raise ValueError(f"reward pool 'num_actors' must be >= 1, got {num_actors}")
         if config is not None and not isinstance(config, dict):
             config = dataclass_or_omegaconf_to_dict(config)
         RewardConfig.from_dict(config)  # fail here, naming the option, not in every actor
-        self.actors = [RewardActor.remote(tokenizer_path, repeat_penalty, config) for _ in range(num_actors)]
+        self.actors = [RewardActor.options(max_restarts=max_restarts).remote(tokenizer_path, repeat_penalty, config)
+                       for _ in range(num_actors)]
         self.timeout_s = timeout_s
 
     def score(self, table_ref, timeout_s: float | None = None) -> ray.ObjectRef:

@@ -2,9 +2,16 @@
 
 Two concurrency groups: one generates, the other receives weight broadcasts at the same time; the
 engine swaps the new weights in between two decoding steps.
+
+Ray restarts a rollout actor whose process dies (max_restarts). The restarted actor holds the
+initial weights and no place in the broadcast group, so it refuses to generate (NeedsWeights)
+until the controller has rebuilt the group and published the current policy to it.
 """
 
 from __future__ import annotations
+
+import logging
+import warnings
 
 import pyarrow as pa
 import ray
@@ -12,6 +19,12 @@ import torch
 
 from k15.rollout.engine import GenerationRequest, SamplingParams
 from k15.schema import SEGMENT_SCHEMA, validate
+
+log = logging.getLogger(__name__)
+
+
+class NeedsWeights(RuntimeError):
+    """This actor was restarted and has not received the current policy yet."""
 
 
 def continue_segments(engine, table: pa.Table, params: SamplingParams) -> pa.Table:
@@ -32,7 +45,8 @@ def continue_segments(engine, table: pa.Table, params: SamplingParams) -> pa.Tab
 
 @ray.remote(concurrency_groups={"generate": 1, "sync": 1})
 class RolloutActor:
-    def __init__(self, model_cfg, seed: int, num_threads: int = 1, device: str = "cpu"):
+    def __init__(self, model_cfg, seed: int, num_threads: int = 1, device: str = "cpu", follows_trainer: bool = False):
+        """follows_trainer: the weights come from a trainer's broadcasts (not only from model_cfg)."""
         from k15.models import load_policy, load_policy_tokenizer
         from k15.rollout.torch_engine import TorchEngine
 
@@ -41,6 +55,11 @@ class RolloutActor:
         model = load_policy(model_cfg, tokenizer, seed)
         self.engine = TorchEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, device=device)
         self.receiver = None
+        self.sync_group = None  # which broadcast group this actor joined (None: none yet)
+        self.has_weights = True
+        if was_restarted() and follows_trainer:
+            self.has_weights = False
+            log.warning("rollout actor restarted after its process died; waiting for the current weights")
 
     def pid(self) -> int:
         import os
@@ -52,16 +71,32 @@ class RolloutActor:
         from k15.sync.broadcast import WeightReceiver
 
         self.receiver = WeightReceiver(info, rank, bucket_bytes)
+        self.sync_group = info.master_port
+
+    @ray.method(concurrency_group="sync")
+    def sync_state(self) -> tuple[int | None, bool]:
+        """(broadcast group joined, whether it holds published weights): the controller's health check."""
+        return self.sync_group, self.has_weights
 
     @ray.method(concurrency_group="sync")
     def receive_weights(self, meta, version: int) -> int:
         tensors = dict(self.receiver.receive(meta))
         self.engine.update_weights(tensors, version)
+        self.has_weights = True
         return version
 
     @ray.method(concurrency_group="generate")
     def rollout(self, table: pa.Table, params: SamplingParams) -> pa.Table:
+        if not self.has_weights:
+            raise NeedsWeights("this rollout actor was restarted and has not received the current weights")
         return continue_segments(self.engine, table, params)
 
     def version(self) -> int:
         return self.engine.version
+
+
+def was_restarted() -> bool:
+    """True in an actor that Ray has restarted after its process died."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ray.get_runtime_context().was_current_actor_reconstructed

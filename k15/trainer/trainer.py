@@ -38,10 +38,12 @@ def policy_loss(algo_cfg):
 
 @ray.remote
 class Trainer:
-    def __init__(self, model_cfg, trainer_cfg, algo_cfg, temperature: float, seed: int, device: str = "cpu"):
+    def __init__(self, model_cfg, trainer_cfg, algo_cfg, temperature: float, seed: int, device: str = "cpu",
+                 deterministic: bool = False):
         from k15.models import load_policy, load_policy_tokenizer
 
         torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(trainer_cfg.num_threads)
         self.cfg, self.algo, self.temperature = trainer_cfg, algo_cfg, temperature
         self.tokenizer = load_policy_tokenizer(model_cfg)
@@ -79,6 +81,29 @@ class Trainer:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         return path
+
+    def save_state(self, path: str) -> None:
+        """The policy and what continues it exactly. No optimizer state: RL iterations start a fresh
+        optimizer (see train_iteration), so between iterations there is none."""
+        from pathlib import Path
+
+        self.save(str(Path(path) / "model"))
+        torch.save({"version": self.version, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state()},
+                   Path(path) / "trainer_state.pt")
+
+    def load_state(self, path: str) -> int:
+        """Weights and state from save_state(path); returns the policy version."""
+        from pathlib import Path
+
+        from k15.models.model import load_pretrained
+
+        saved = load_pretrained(Path(path) / "model", dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(saved.state_dict())
+        state = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+        self.version = state["version"]
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        return self.version
 
     # -- supervised fine-tuning and preference optimisation -----------------------------------
     def sft(self, examples: list[tuple[list[int], list[int]]], steps: int, batch_size: int, lr: float,
