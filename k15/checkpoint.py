@@ -62,7 +62,7 @@ def writing(run_dir: str | Path, iteration: int, keep: int) -> Iterator[Path]:
 
 def write_manifest(path: Path, iteration: int) -> None:
     files = {str(f.relative_to(path)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-             for f in sorted(path.rglob("*")) if f.is_file()}
+             for f in sorted(path.rglob("*")) if f.is_file() and f != path / MANIFEST}
     (path / MANIFEST).write_text(json.dumps({"iteration": iteration, "files": files}, indent=1))
 
 

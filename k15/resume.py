@@ -55,12 +55,12 @@ def check_compatible(cfg, ckpt: Path) -> None:
     saved_path = ckpt / "config.yaml"
     saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path)))
     now = _flat(OmegaConf.to_container(cfg))
-    for key in sorted(set(saved) | set(now)):
-        if key.startswith(RESUMABLE) or saved.get(key, "<unset>") == now.get(key, "<unset>"):
+    for key in sorted(set(saved) & set(now)):  # a setting new in this version of k15 takes its default
+        if key.startswith(RESUMABLE) or saved[key] == now[key]:
             continue
         raise ResumeError(f"resume: the config changed incompatibly since the checkpoint ({saved_path}): "
-                          f"{key} was {saved.get(key, '<unset>')!r}, now {now.get(key, '<unset>')!r}; "
-                          f"start a new run, or resume with {key}={saved.get(key)}")
+                          f"{key} was {saved[key]!r}, now {now[key]!r}; start a new run, or resume with "
+                          f"{key}={saved[key]}")
 
 
 def _flat(tree, prefix: str = "") -> dict:

@@ -59,3 +59,44 @@ def test_buffer_releases_whole_groups_and_keeps_segments(ray_local):
     assert unfinished.num_rows == 2 and not any(unfinished["finished"].to_pylist())
     stats = ray.get(buf.stats.remote())
     assert stats["duplicates"] == 1 and stats["unfinished_segments"] == 0
+
+
+def test_buffer_writes_are_idempotent_per_segment_and_requeue_is_once(ray_local):
+    buf = ReplayBuffer.remote(2)
+    part = segments_to_table(rows("c", 2, finished=False))
+    ray.get(buf.add.remote(part))
+    ray.get(buf.add.remote(part))  # the same segments again (a retried write): dropped
+    taken = ray.get(buf.take_unfinished.remote())
+    assert taken.num_rows == 2
+    assert ray.get(buf.stats.remote())["duplicates"] == 2
+    # the actor continuing them died: they come back once, however often the controller says so
+    assert ray.get(buf.requeue.remote(taken)) == 2
+    assert ray.get(buf.requeue.remote(taken)) == 0
+    again = ray.get(buf.take_unfinished.remote())
+    assert sorted(again["sample_id"].to_pylist()) == sorted(taken["sample_id"].to_pylist())
+    # once a sample has finished, neither a stale segment of it nor a requeue brings it back
+    ray.get(buf.add.remote(segments_to_table(rows("c", 2))))
+    ray.get(buf.add.remote(part))
+    assert ray.get(buf.requeue.remote(part)) == 0
+    assert ray.get(buf.take_unfinished.remote()).num_rows == 0
+    assert ray.get(buf.num_ready_groups.remote()) == 1
+
+
+def test_buffer_snapshot_round_trips_through_a_checkpoint(ray_local, tmp_path):
+    from k15.checkpoint import read_buffer, write_buffer
+
+    buf = ReplayBuffer.remote(4)
+    ray.get(buf.add.remote(segments_to_table(rows("ready", 4))))
+    ray.get(buf.add.remote(segments_to_table(rows("partial", 4)[:2])))
+    ray.get(buf.add.remote(segments_to_table(rows("open", 3, finished=False))))
+    snap = ray.get(buf.snapshot.remote())
+    write_buffer(tmp_path, snap)
+    restored = ReplayBuffer.remote(4)
+    ray.get(restored.restore.remote({**read_buffer(tmp_path), "counts": snap["counts"]}))
+    assert ray.get(restored.stats.remote()) == ray.get(buf.stats.remote())
+    ray.get(restored.add.remote(segments_to_table(rows("partial", 4)[:2])))  # already written before the save
+    assert ray.get(restored.num_ready_groups.remote()) == 1
+    ray.get(restored.add.remote(segments_to_table(rows("partial", 4)[2:])))
+    groups = ray.get(restored.take_groups.remote(2, timeout_s=10))
+    assert groups["prompt_id"].to_pylist() == ["ready"] * 4 + ["partial"] * 4
+    assert ray.get(restored.take_unfinished.remote()).num_rows == 3
