@@ -46,6 +46,7 @@ from k15.rollout.engine import SamplingParams
 from k15.schema import SEGMENT_SCHEMA
 from k15.sync.broadcast import new_group_info
 from k15.trainer.trainer import Trainer
+from k15.watch import ActorWatch
 
 
 def init_ray(cluster_cfg, cpus_needed: int) -> None:
@@ -90,6 +91,7 @@ class Controller:
 
         n = self.rcfg.num_workers
         init_ray(cfg.cluster, cpus_needed=1 + n)
+        self.watch = ActorWatch()  # says in the log, within a second, when any actor dies
         tokenizer_dir = cfg.model.tokenizer or cfg.model.path
         self.buffer = ReplayBuffer.remote(self.k)
         restarts = cfg.cluster.max_actor_restarts

@@ -103,6 +103,7 @@ def test_sigkill_of_a_rollout_actor_mid_wave_loses_and_repeats_nothing(baseline,
     out = finish(proc, run_dir)
     assert "re-queued" in out and "rebuilding the weight broadcast group" in out
     assert "restarting from" not in out  # recovered in place, not by going back to a checkpoint
+    assert "actor watch: RolloutActor" in out and "died; Ray restarts it" in out
     assert_same_samples(run_dir, baseline)
     summary = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert summary["rollout_failures"] >= 1
@@ -116,6 +117,7 @@ def test_sigkill_of_a_reward_actor_mid_scoring_loses_and_repeats_nothing(baselin
     out = finish(proc, run_dir)
     assert "reward actor restarted" in out
     assert "reward_actor_died" not in out and "restarting from" not in out
+    assert "actor watch: RewardActor" in out
     assert_same_samples(run_dir, baseline)
 
 
