@@ -119,6 +119,7 @@ def _run_training(cfg, overrides: list[str] = ()) -> int:
 
     from k15 import checkpoint
     from k15.algo.sampler import make_sampler
+    from k15.atomic import atomic_write_text
     from k15.resume import save_overrides
     from k15.data.dataset import DatasetError, load_datasets
     from k15.trainer.trainer import policy_loss
@@ -139,7 +140,7 @@ def _run_training(cfg, overrides: list[str] = ()) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = Path(cfg.resume) if cfg.resume else None
     if resume_from is None:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     save_overrides(run_dir, list(overrides))
     start = time.perf_counter()
     for failures in range(cfg.checkpoint.max_failures + 1):

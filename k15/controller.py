@@ -38,7 +38,7 @@ from k15.buffer import ReplayBuffer
 from k15.data import arithmetic
 from k15.data.dataset import builtin_problems, load_datasets
 from k15.evaluate import evaluate, fresh_rows
-from k15.metrics import RunLogger, console
+from k15.metrics import RunLogger, console, read_jsonl
 from k15.models import load_policy_tokenizer
 from k15.reward.pool import RewardPool
 from k15.rollout.actor import NeedsWeights, RolloutActor
@@ -266,6 +266,7 @@ class Controller:
         """Everything to continue after iteration `it` (k15/checkpoint.py), taken with no rollout in
         flight so that the buffer holds every segment."""
         self.drain()
+        start = time.perf_counter()
         with checkpoint.writing(self.run_dir, it, self.cfg.checkpoint.keep) as tmp:
             ray.get(self.trainer.save_state.remote(str(tmp)))
             snapshot = ray.get(self.buffer.snapshot.remote())
@@ -276,7 +277,9 @@ class Controller:
             (tmp / "controller.json").write_text(json.dumps(state))
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
         path = checkpoint.checkpoints_dir(self.run_dir) / f"{checkpoint.PREFIX}{it:06d}"
-        console.print(f"checkpoint: {path}")
+        seconds, mb = time.perf_counter() - start, sum(f.stat().st_size for f in path.rglob("*")) / 2**20
+        self.logger.log({"iter": it, "checkpoint_seconds": seconds, "checkpoint_mb": mb}, step=it)
+        console.print(f"checkpoint: {path} ({mb:.1f} MiB, {seconds:.2f}s)")
         return path
 
     def restore(self, path: Path) -> None:
@@ -288,9 +291,9 @@ class Controller:
         self.version, self.waves_launched = version, state["waves_launched"]
         self.prompts_launched = state["prompts_launched"]
         self.start_iter = state["iteration"] + 1
-        lines = self.samples_log.read_text().splitlines() if self.samples_log.exists() else []
-        kept = [line for line in lines if json.loads(line)["iter"] <= state["iteration"]]
-        atomic_write_text(self.samples_log, "".join(line + "\n" for line in kept))
+        records = read_jsonl(self.samples_log) if self.samples_log.exists() else []
+        kept = [r for r in records if r["iter"] <= state["iteration"]]  # later ones: the run that died
+        atomic_write_text(self.samples_log, "".join(json.dumps(r) + "\n" for r in kept))
         console.print(f"resumed from {path}: iteration {state['iteration']}, policy version {version}")
 
     def save_checkpoint(self) -> str:

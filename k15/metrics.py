@@ -25,7 +25,7 @@ class RunLogger:
         self.path = self.run_dir / "metrics.jsonl"
         self.history: list[dict] = []
         if resume_after is not None and self.path.exists():
-            records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            records = read_jsonl(self.path)
             self.history = [r for r in records if r.get("iter", 0) <= resume_after and not r.get("summary")]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         self.wandb = None
@@ -101,6 +101,20 @@ class RunLogger:
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file this run appends to; a last line cut short (the process was killed
+    while writing it) is left out."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}, line {i + 1}: not valid JSON") from None
+    return records
 
 
 def _wandb_logged_in() -> bool:

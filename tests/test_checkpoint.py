@@ -125,3 +125,17 @@ def test_k15_train_resume_errors_are_one_line(tmp_path):
     (path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
     checkpoint.write_manifest(path, 2)  # a consistent checkpoint whose config differs from now
     assert "algo.tau was 0.3, now 0.1" in error_line(f"resume={tmp_path / 'run'}")
+
+
+def test_a_jsonl_line_cut_short_by_a_kill_is_left_out(tmp_path):
+    from k15.metrics import RunLogger, read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iter": 1, "reward": 0.5}\n{"iter": 2, "reward": 0.6}\n{"iter": 3, "rew')
+    assert [r["iter"] for r in read_jsonl(path)] == [1, 2]
+    logger = RunLogger(tmp_path, {}, backend="none", resume_after=1)  # resumed from iteration 1's checkpoint
+    assert [r["iter"] for r in logger.history] == [1]
+    assert [r["iter"] for r in read_jsonl(path)] == [1]
+    path.write_text('{"iter": 1}\n{"ite\n{"iter": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(path)

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from k15 import procs
+
 pytestmark = pytest.mark.slow
 
 ARGS = ["logger=none", "algo.num_iters=6", "algo.prompts_per_iter=4", "algo.samples_per_prompt=4",
@@ -51,23 +53,9 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 300, poll_s: 
     raise AssertionError("timed out waiting for the moment to kill")
 
 
-def session_processes(sid: int) -> dict[int, str]:
-    """pid -> command line of every process in the session (the run's Ray processes included)."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.getsid(int(entry.name)) == sid:
-                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except (OSError, ProcessLookupError):
-            continue
-    return out
-
-
 def busy_actor(proc: subprocess.Popen, method: str):
-    """The pid of the actor process running `method` right now (Ray titles it ray::Class.method)."""
-    return next((pid for pid, cmd in session_processes(proc.pid).items() if cmd.startswith(f"ray::{method}")), None)
+    """The pid of the run's actor process running `method` right now."""
+    return procs.busy_actor(proc.pid, method)
 
 
 def trained(run_dir: Path) -> list[dict]:
@@ -135,11 +123,7 @@ def test_killed_run_resumes_to_the_same_samples_and_weights(baseline, tmp_path):
     run_dir = tmp_path / "run"
     proc = start(run_dir, *ARGS, f"run_dir={run_dir}")
     wait_until(lambda: (run_dir / "checkpoints" / "iter_000003").is_dir(), proc, poll_s=0.05)
-    for pid in session_processes(proc.pid):  # the driver and its local Ray: a lost node
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    procs.kill_session(proc.pid)  # the driver and its local Ray: a lost node
     proc.wait(timeout=60)
     assert iterations_done(run_dir) < 6, "the run had finished before it was killed"
     out = finish(start(run_dir, f"resume={run_dir}"), run_dir)
@@ -149,8 +133,9 @@ def test_killed_run_resumes_to_the_same_samples_and_weights(baseline, tmp_path):
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
-    iters = [json.loads(line).get("iter") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [i for i in iters if i] == list(range(1, 7)), "metrics of the killed run's last iteration were kept twice"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "reward" in r] == list(range(1, 7)), "an iteration's metrics kept twice"
+    assert [r["iter"] for r in records if "checkpoint_seconds" in r] == list(range(1, 7))
 
 
 def test_corrupt_checkpoint_is_named_and_the_previous_good_one_offered(baseline, tmp_path):
