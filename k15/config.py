@@ -116,6 +116,12 @@ class ClusterConfig:
     num_cpus: Optional[int] = None  # logical CPUs of a local Ray (None: enough for the actors)
     reward_workers: int = 1
     max_actor_restarts: int = 5  # Ray restarts a rollout or reward actor whose process dies this often
+    # One placement group (k15/cluster.py): a bundle for the trainer, one per rollout actor. Custom
+    # resources (e.g. rollout_node: 0.01) steer bundles to node types of an autoscaling cluster.
+    trainer_resources: Dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    rollout_resources: Dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    placement_timeout_s: float = 900.0  # an autoscaler may need minutes to start GPU nodes
 
 
 @dataclass

@@ -19,7 +19,6 @@ raises RunFailed and `k15 train` restarts the run from its newest checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from k15.algo.length_penalty import length_rewards, penalty_weight
 from k15.algo.sampler import make_sampler
 from k15.atomic import atomic_write_text
 from k15.buffer import ReplayBuffer
+from k15.cluster import Placement, init_ray
 from k15.data import arithmetic
 from k15.data.dataset import builtin_problems, load_datasets
 from k15.evaluate import evaluate, fresh_rows
@@ -47,17 +47,6 @@ from k15.schema import SEGMENT_SCHEMA
 from k15.sync.broadcast import new_group_info
 from k15.trainer.trainer import Trainer
 from k15.watch import ActorWatch
-
-
-def init_ray(cluster_cfg, cpus_needed: int) -> None:
-    if ray.is_initialized():
-        return
-    address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        num_cpus = cluster_cfg.num_cpus or max(os.cpu_count() or 1, cpus_needed)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 class RunFailed(RuntimeError):
@@ -97,10 +86,11 @@ class Controller:
         restarts = cfg.cluster.max_actor_restarts
         self.reward_pool = RewardPool(cfg.cluster.reward_workers, tokenizer_dir, self.rcfg.repeat_penalty,
                                       config=cfg.reward, max_restarts=restarts)
-        self.trainer = Trainer.options(num_cpus=1).remote(cfg.model, cfg.trainer, cfg.algo, self.rcfg.temperature,
-                                                          cfg.seed, cfg.trainer.device, cfg.deterministic)
-        self.rollouts = [RolloutActor.options(num_cpus=1, max_restarts=restarts).remote(
-            cfg.model, cfg.seed, self.rcfg.num_threads, self.rcfg.device, follows_trainer=True) for _ in range(n)]
+        self.placement = Placement(cfg.cluster, n)
+        self.trainer = Trainer.options(**self.placement.trainer()).remote(
+            cfg.model, cfg.trainer, cfg.algo, self.rcfg.temperature, cfg.seed, cfg.trainer.device, cfg.deterministic)
+        self.rollouts = [RolloutActor.options(**self.placement.rollout(i), max_restarts=restarts).remote(
+            cfg.model, cfg.seed, self.rcfg.num_threads, self.rcfg.device, follows_trainer=True) for i in range(n)]
         self.connect_weights()
         self.weight_meta = ray.get(self.trainer.weight_meta.remote())
         self.version = 0

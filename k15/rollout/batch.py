@@ -25,7 +25,7 @@ class BatchSampler:
     """rollout.num_workers RolloutActors holding the policy of `model`, and a RewardPool."""
 
     def __init__(self, cfg):
-        from k15.controller import init_ray
+        from k15.cluster import init_ray
         from k15.models import load_policy_tokenizer
         from k15.reward.pool import RewardPool
         from k15.rollout.actor import RolloutActor

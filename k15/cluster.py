@@ -1,0 +1,83 @@
+"""Where k15's actors run: join a Ray cluster (or start a local one) and reserve the trainer's and
+the rollout actors' resources in one placement group, by the bundles in conf/cluster/.
+
+On an autoscaling cluster the placement group is what asks for nodes: its bundles (e.g. one GPU
+and a `rollout_node` resource per rollout actor) make the autoscaler start workers of the matching
+node types (cluster/aws.yaml, cluster/gcp.yaml, cluster/kuberay-rayjob.yaml).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from k15.metrics import console
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the actors' bundles; the message says what was asked and what is there."""
+
+
+def init_ray(cluster_cfg, cpus_needed: int) -> None:
+    """Join the cluster at cluster.address or RAY_ADDRESS, else one started by `ray start` on this
+    machine (address="auto"), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        try:
+            ray.init(address="auto", log_to_driver=True)
+            console.print(f"joined the Ray cluster at {ray.get_runtime_context().gcs_address} (started by `ray start`)")
+            return
+        except ConnectionError:  # none running: start our own below
+            pass
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        console.print(f"joined the Ray cluster at {address}")
+        return
+    num_cpus = cluster_cfg.num_cpus or max(os.cpu_count() or 1, cpus_needed)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+class Placement:
+    """One placement group: bundle 0 for the trainer, bundles 1..n for the rollout actors."""
+
+    def __init__(self, cluster_cfg, num_rollouts: int):
+        self.trainer_bundle = _bundle(cluster_cfg.trainer_resources, "cluster.trainer_resources")
+        self.rollout_bundle = _bundle(cluster_cfg.rollout_resources, "cluster.rollout_resources")
+        bundles = [self.trainer_bundle] + [self.rollout_bundle] * num_rollouts
+        self.group = placement_group(bundles, strategy=cluster_cfg.placement_strategy, name="")
+        try:
+            ray.get(self.group.ready(), timeout=cluster_cfg.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(self.group)
+            raise PlacementError(
+                f"the cluster could not place the actors within {cluster_cfg.placement_timeout_s}s: they need "
+                f"trainer {self.trainer_bundle} + {num_rollouts} x rollout {self.rollout_bundle} "
+                f"({cluster_cfg.placement_strategy}); the cluster has {ray.cluster_resources()}") from None
+
+    def trainer(self) -> dict:
+        return _options(self.trainer_bundle, self.group, 0)
+
+    def rollout(self, index: int) -> dict:
+        return _options(self.rollout_bundle, self.group, 1 + index)
+
+    def remove(self) -> None:
+        ray.util.remove_placement_group(self.group)
+
+
+def _bundle(resources, key: str) -> dict[str, float]:
+    bundle = {str(k): float(v) for k, v in dict(resources).items() if float(v) > 0}
+    if not bundle:
+        raise PlacementError(f"{key} must ask for some resource, e.g. {{CPU: 1}}")
+    return bundle
+
+
+def _options(bundle: dict, group, index: int) -> dict:
+    """Ray actor options that take exactly the bundle's resources, inside the bundle."""
+    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")}
+    return {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0), "resources": custom,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
