@@ -181,7 +181,7 @@ class Trainer:
         rows = table.select(["prompt_tokens", "response_tokens", "versions", "reward"]).to_pydict()
         rewards = torch.tensor(rows["reward"] if rewards is None else rewards, dtype=torch.float32)
         ids, att, resp = pad_batch(rows["prompt_tokens"], rows["response_tokens"], self.pad_id)
-        trained = resp & self._fresh_token_mask(rows["versions"], resp)
+        trained = resp & self._trained_token_mask(rows["versions"], resp)
         ids, att, trained = ids.to(self.device), att.to(self.device), trained.to(self.device)
 
         self.model.eval()
@@ -204,7 +204,7 @@ class Trainer:
                 opt.step()
                 stats.append((st.loss, st.mean_log_ratio, grad_norm.item()))
         self.version += 1
-        versions = [v for vs in rows["versions"] for v in vs]
+        versions = [v for vs in rows["versions"] for v in vs if v >= 0]  # policy tokens only
         return {
             "loss": float(np.mean([s[0] for s in stats])),
             "log_ratio": float(np.mean([s[1] for s in stats])),
@@ -216,17 +216,19 @@ class Trainer:
             "version": self.version,
         }
 
-    def _fresh_token_mask(self, versions: list[list[int]], resp: torch.Tensor) -> torch.Tensor:
-        """Tokens generated more than algo.max_token_staleness versions ago leave the loss
-        (-1 keeps every segment)."""
+    def _trained_token_mask(self, versions: list[list[int]], resp: torch.Tensor) -> torch.Tensor:
+        """Which response tokens enter the loss: not environment tokens (version -1: tool results
+        and user turns of a multi-turn episode), and not tokens generated more than
+        algo.max_token_staleness versions ago (-1 keeps every segment)."""
         limit = self.algo.max_token_staleness
         mask = torch.ones_like(resp)
-        if limit < 0:
-            return mask
         for b, vs in enumerate(versions):
             start = int(resp[b].nonzero()[0]) if resp[b].any() else 0
-            old = torch.tensor(vs) < self.version - limit
-            mask[b, start:start + len(vs)] = ~old
+            v = torch.tensor(vs, dtype=torch.long)
+            keep = v >= 0
+            if limit >= 0:
+                keep &= v >= self.version - limit
+            mask[b, start:start + len(vs)] = keep
         return mask
 
     def _minibatches(self, num_rows: int, k: int) -> list[slice]:
