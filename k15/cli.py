@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-USAGE = """usage: k15 {train,eval,curate,long2short} [key=value ...]
+USAGE = """usage: k15 {train,eval,curate,long2short,serve} [key=value ...]
 
   k15 train                                  the embedded default: tiny model, built-in task, local Ray
   k15 train algo.tau=0.05 rollout.num_workers=2
@@ -21,6 +21,8 @@ USAGE = """usage: k15 {train,eval,curate,long2short} [key=value ...]
   k15 curate curate.source=problems.jsonl    drop unverifiable / easy-to-hack problems, label difficulty
   k15 long2short method=rl model.path=runs/x/checkpoint       short CoT from long: merge|shortest|dpo|rl
   k15 long2short method=merge model.path=LONG long2short.short_model=SHORT long2short.merge_weights=[0.7,0.3]
+  k15 serve model.path=runs/x/checkpoint serve.port=8000   OpenAI-compatible API (/v1/completions, /v1/chat/completions)
+  k15 serve model.path=runs/x/checkpoint serve.follow=runs/x   served weights follow that run's checkpoints
   k15 <command> --cfg                        print the composed config and exit
 """
 
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    commands = {"train": train, "eval": eval_command, "curate": curate_command, "long2short": long2short_command}
+    commands = {"train": train, "eval": eval_command, "curate": curate_command, "long2short": long2short_command,
+                "serve": serve_command}
     if command not in commands:
         print(f"k15: unknown command '{command}'\n{USAGE}", file=sys.stderr)
         return 2
@@ -349,6 +352,45 @@ def curate_command(overrides: list[str], print_config: bool = False) -> int:
     summary = curate(cfg, records, output)
     ray_stop()
     print_summary(summary, console)
+    return 0
+
+
+def serve_command(overrides: list[str], print_config: bool = False) -> int:
+    """`k15 serve`: Ray Serve's HTTP proxy on serve.host:serve.port, the policy app at /; runs until
+    interrupted."""
+    import signal
+
+    from omegaconf import OmegaConf
+
+    cfg = _setup(overrides, print_config)
+    if cfg is None:
+        return 0
+    _warn_default_model(cfg)
+    s = cfg.serve
+    _positive(**{"serve.max_tokens_limit": s.max_tokens_limit, "serve.stream_chunk": s.stream_chunk,
+                 "serve.min_replicas": s.min_replicas})
+    if s.max_replicas < s.min_replicas:
+        raise StartupError(f"config: serve.max_replicas ({s.max_replicas}) < serve.min_replicas ({s.min_replicas})")
+    if s.follow and not Path(s.follow).is_dir():
+        raise StartupError(f"serve.follow: no such run directory: {s.follow}")
+    from ray import serve
+
+    from k15.cluster import init_ray
+    from k15.serve.policy import build_app
+
+    init_ray(cfg.cluster, cpus_needed=s.min_replicas + 1)
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(build_app(OmegaConf.to_container(cfg.model), s), name="k15-policy", route_prefix="/")
+    print(f"k15 serve: http://{s.host}:{s.port}/v1 (model '{s.model_name or Path(cfg.model.path or 'k15-default').name}')",
+          flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    finally:
+        serve.shutdown()
+        ray_stop()
     return 0
 
 

@@ -22,21 +22,15 @@ class PlacementError(RuntimeError):
 
 
 def init_ray(cluster_cfg, cpus_needed: int) -> None:
-    """Join the cluster at cluster.address or RAY_ADDRESS, else one started by `ray start` on this
-    machine (address="auto"), else start a local Ray."""
+    """Join the cluster at cluster.address (`auto`: the one `ray start` started on this machine) or
+    at RAY_ADDRESS (set inside a Ray job), else start a local Ray of our own. Not joining by default
+    keeps two runs on one machine from sharing (and stopping) each other's Ray."""
     if ray.is_initialized():
         return
     address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        try:
-            ray.init(address="auto", log_to_driver=True)
-            console.print(f"joined the Ray cluster at {ray.get_runtime_context().gcs_address} (started by `ray start`)")
-            return
-        except ConnectionError:  # none running: start our own below
-            pass
     if address:
         ray.init(address=address, log_to_driver=True)
-        console.print(f"joined the Ray cluster at {address}")
+        console.print(f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}")
         return
     num_cpus = cluster_cfg.num_cpus or max(os.cpu_count() or 1, cpus_needed)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)

@@ -112,7 +112,7 @@ class LoggerConfig:
 
 @dataclass
 class ClusterConfig:
-    address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local Ray
+    address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local Ray; "auto": the one `ray start` started here
     num_cpus: Optional[int] = None  # logical CPUs of a local Ray (None: enough for the actors)
     reward_workers: int = 1
     max_actor_restarts: int = 5  # Ray restarts a rollout or reward actor whose process dies this often
@@ -130,6 +130,24 @@ class CheckpointConfig:
     every: int = 10  # iterations between checkpoints (0: none; the final policy is saved either way)
     keep: int = 3  # newest checkpoints kept; older ones are deleted once a new one is complete
     max_failures: int = 3  # times a run restarts itself from its newest checkpoint when an actor it cannot replace dies
+
+
+@dataclass
+class ServeConfig:
+    """`k15 serve` (k15/serve/policy.py): the policy at model.path behind an OpenAI-compatible API."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: Optional[str] = None  # the `model` clients send; None: the checkpoint directory's name
+    follow: Optional[str] = None  # a training run's directory: serve its newest checkpoint as they appear
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    stream_chunk: int = 8  # tokens generated per streamed step
+    device: str = "cpu"
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 2.0  # Serve adds replicas above this many requests each
+    max_ongoing_requests: int = 8
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
 
 
 @dataclass
@@ -193,6 +211,7 @@ class K15Config:
     curate: CurateConfig = field(default_factory=CurateConfig)
     long2short: Long2ShortConfig = field(default_factory=Long2ShortConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     # Verifier settings (k15.reward.verifiers.RewardConfig: math timeout, sandbox limits); checked
     # at start by RewardConfig.from_dict, which names an unknown key.
     reward: Dict[str, Any] = field(default_factory=dict)

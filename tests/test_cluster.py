@@ -3,15 +3,19 @@ placement group's error, and a real `ray start --head` + `ray job submit` of a s
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import ray
 import yaml
+
+from k15 import procs
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_CONF = yaml.safe_load((REPO / "conf" / "cluster" / "gpu.yaml").read_text())["cluster"]
@@ -82,6 +86,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_http(url: str, proc, timeout_s: float = 180) -> None:
+    """Until `url` answers at all (an authentication error is an answer)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            assert proc.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, f"{url} did not answer in {timeout_s}s"
+            time.sleep(0.5)
+
+
 def job_status(ray_cli, address: str, env: dict) -> str:
     """SUCCEEDED, FAILED or STOPPED once `ray job status` reports the job ended, else ""."""
     proc = subprocess.run([*ray_cli, "job", "status", "--address", address, "k15-ci"], env=env, capture_output=True,
@@ -102,11 +124,17 @@ def test_ray_job_submit_runs_training_on_a_started_head(tmp_path, monkeypatch):
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # the job's `k15` is this environment's
     dashboard = free_port()
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
-    subprocess.run([*ray_cli, "start", "--head", f"--port={free_port()}", "--num-cpus=4", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    # A temp dir of its own (short: Ray's socket paths have a length limit), so that no other Ray
+    # program here finds this head through /tmp/ray, and a session of its own, so that stopping it
+    # touches nothing else (`ray stop` would stop every Ray on the machine).
+    temp_dir = tempfile.mkdtemp(prefix="k15ray-", dir="/tmp")
+    head = subprocess.Popen([*ray_cli, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=4",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dashboard}"
+        wait_for_http(f"{address}/api/version", head)
         run_dir = tmp_path / "run"
         submit = subprocess.run(
             [*ray_cli, "job", "submit", "--address", address, "--working-dir", ".", "--no-wait",
@@ -128,4 +156,6 @@ def test_ray_job_submit_runs_training_on_a_started_head(tmp_path, monkeypatch):
         assert [r["iter"] for r in records if "reward" in r] == [1, 2]
         assert [r for r in records if r.get("summary")][0]["trained_samples"] == 2 * 4 * 4
     finally:
-        subprocess.run([*ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)  # every Ray here
+        procs.kill_session(head.pid)
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
