@@ -376,13 +376,13 @@ def serve_command(overrides: list[str], print_config: bool = False) -> int:
     from ray import serve
 
     from k15.cluster import init_ray
-    from k15.serve.policy import build_app
+    from k15.serve.policy import build_app, served_name
 
+    model_cfg = OmegaConf.to_container(cfg.model)
     init_ray(cfg.cluster, cpus_needed=s.min_replicas + 1)
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_app(OmegaConf.to_container(cfg.model), s), name="k15-policy", route_prefix="/")
-    print(f"k15 serve: http://{s.host}:{s.port}/v1 (model '{s.model_name or Path(cfg.model.path or 'k15-default').name}')",
-          flush=True)
+    serve.run(build_app(model_cfg, s), name="k15-policy", route_prefix="/")
+    print(f"k15 serve: http://{s.host}:{s.port}/v1 (model '{served_name(model_cfg, s)}')", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     try:

@@ -32,13 +32,12 @@ from omegaconf import OmegaConf
 from k15 import checkpoint
 from k15.algo.length_penalty import length_rewards, penalty_weight
 from k15.algo.sampler import make_sampler
-from k15.atomic import atomic_write_text
 from k15.buffer import ReplayBuffer
 from k15.cluster import Placement, init_ray
 from k15.data import arithmetic
 from k15.data.dataset import builtin_problems, load_datasets
 from k15.evaluate import evaluate, fresh_rows
-from k15.metrics import RunLogger, console, read_jsonl
+from k15.metrics import RunLogger, console, rewind_jsonl
 from k15.models import load_policy_tokenizer
 from k15.reward.pool import RewardPool
 from k15.rollout.actor import NeedsWeights, RolloutActor
@@ -281,9 +280,7 @@ class Controller:
         self.version, self.waves_launched = version, state["waves_launched"]
         self.prompts_launched = state["prompts_launched"]
         self.start_iter = state["iteration"] + 1
-        records = read_jsonl(self.samples_log) if self.samples_log.exists() else []
-        kept = [r for r in records if r["iter"] <= state["iteration"]]  # later ones: the run that died
-        atomic_write_text(self.samples_log, "".join(json.dumps(r) + "\n" for r in kept))
+        rewind_jsonl(self.samples_log, state["iteration"])
         console.print(f"resumed from {path}: iteration {state['iteration']}, policy version {version}")
 
     def save_checkpoint(self) -> str:

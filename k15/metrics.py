@@ -24,10 +24,8 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self.history: list[dict] = []
-        if resume_after is not None and self.path.exists():
-            records = read_jsonl(self.path)
-            self.history = [r for r in records if r.get("iter", 0) <= resume_after and not r.get("summary")]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
+        if resume_after is not None:
+            self.history = rewind_jsonl(self.path, resume_after)
         self.wandb = None
         if backend == "wandb":
             import wandb
@@ -115,6 +113,17 @@ def read_jsonl(path: Path) -> list[dict]:
             if i < len(lines) - 1:
                 raise ValueError(f"{path}, line {i + 1}: not valid JSON") from None
     return records
+
+
+def rewind_jsonl(path: Path, iteration: int) -> list[dict]:
+    """Rewrite a run's JSONL log as it was after `iteration` (a resumed run goes on from there):
+    records of later iterations, and the summary, were written by the run that died. Returns the
+    records kept."""
+    if not Path(path).exists():
+        return []
+    kept = [r for r in read_jsonl(path) if r.get("iter", 0) <= iteration and not r.get("summary")]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def _wandb_logged_in() -> bool:

@@ -83,12 +83,18 @@ def baseline(tmp_path_factory) -> Path:
     return run_dir
 
 
+def run_killing(run_dir: Path, method: str, after_iterations: int) -> str:
+    """A run whose actor process busy in `method` is SIGKILLed once `after_iterations` are done;
+    its output, once it has finished."""
+    proc = start(run_dir, *ARGS, f"run_dir={run_dir}")
+    wait_until(lambda: iterations_done(run_dir) >= after_iterations, proc)
+    os.kill(wait_until(lambda: busy_actor(proc, method), proc), signal.SIGKILL)
+    return finish(proc, run_dir)
+
+
 def test_sigkill_of_a_rollout_actor_mid_wave_loses_and_repeats_nothing(baseline, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, *ARGS, f"run_dir={run_dir}")
-    wait_until(lambda: iterations_done(run_dir) >= 2, proc)
-    os.kill(wait_until(lambda: busy_actor(proc, "RolloutActor.rollout"), proc), signal.SIGKILL)
-    out = finish(proc, run_dir)
+    out = run_killing(run_dir, "RolloutActor.rollout", after_iterations=2)
     assert "re-queued" in out and "rebuilding the weight broadcast group" in out
     assert "restarting from" not in out  # recovered in place, not by going back to a checkpoint
     assert "actor watch: RolloutActor" in out and "died; Ray restarts it" in out
@@ -99,10 +105,7 @@ def test_sigkill_of_a_rollout_actor_mid_wave_loses_and_repeats_nothing(baseline,
 
 def test_sigkill_of_a_reward_actor_mid_scoring_loses_and_repeats_nothing(baseline, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, *ARGS, f"run_dir={run_dir}")
-    wait_until(lambda: iterations_done(run_dir) >= 2, proc)
-    os.kill(wait_until(lambda: busy_actor(proc, "RewardActor.score"), proc), signal.SIGKILL)
-    out = finish(proc, run_dir)
+    out = run_killing(run_dir, "RewardActor.score", after_iterations=2)
     assert "reward actor restarted" in out
     assert "reward_actor_died" not in out and "restarting from" not in out
     assert "actor watch: RewardActor" in out
@@ -111,10 +114,7 @@ def test_sigkill_of_a_reward_actor_mid_scoring_loses_and_repeats_nothing(baselin
 
 def test_sigkill_of_the_trainer_restarts_the_run_from_its_checkpoint(baseline, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, *ARGS, f"run_dir={run_dir}")
-    wait_until(lambda: iterations_done(run_dir) >= 3, proc)
-    os.kill(wait_until(lambda: busy_actor(proc, "Trainer.train_iteration"), proc), signal.SIGKILL)
-    out = finish(proc, run_dir)
+    out = run_killing(run_dir, "Trainer.train_iteration", after_iterations=3)
     assert "the trainer died in iteration" in out and "restarting from" in out
     assert_same_samples(run_dir, baseline)
 

@@ -45,7 +45,7 @@ class PolicyServer:
         self.engine = TorchEngine(load_policy(cfg, self.tokenizer, 0), self.tokenizer.eos_token_id,
                                   self.tokenizer.pad_token_id, device=device)
         self.model_name, self.max_tokens_limit, self.stream_chunk = model_name, max_tokens_limit, stream_chunk
-        self.follow, self.loaded = (Path(follow) if follow else None), None
+        self.follow, self.loaded, self.checked = (Path(follow) if follow else None), None, None
         self.lock = threading.Lock()  # one generation at a time per replica; replicas scale out
 
     # -- endpoints ------------------------------------------------------------------------------
@@ -130,16 +130,24 @@ class PolicyServer:
         from k15.models.model import load_pretrained
 
         found = checkpoint.list_checkpoints(self.follow)
-        if not found or found[-1] == self.loaded or checkpoint.problem(found[-1]) is not None:
+        if not found or found[-1] == self.checked:  # hashed once, intact or not
+            return
+        self.checked = found[-1]
+        if checkpoint.problem(found[-1]) is not None:
             return
         weights = load_pretrained(found[-1] / "model").state_dict()
         self.engine.update_weights(weights, checkpoint.iteration_of(found[-1]))
         self.loaded = found[-1]
 
 
+def served_name(model_cfg: dict, serve_cfg) -> str:
+    """The `model` clients send: serve.model_name, else the checkpoint directory's name."""
+    return serve_cfg.model_name or Path(model_cfg.get("path") or "k15-default").name
+
+
 def build_app(model_cfg: dict, serve_cfg) -> serve.Application:
     """The Serve application, autoscaling between serve.min_replicas and serve.max_replicas."""
-    name = serve_cfg.model_name or Path(model_cfg.get("path") or "k15-default").name
+    name = served_name(model_cfg, serve_cfg)
     deployment = PolicyServer.options(
         max_ongoing_requests=serve_cfg.max_ongoing_requests,
         autoscaling_config={"min_replicas": serve_cfg.min_replicas, "max_replicas": serve_cfg.max_replicas,
