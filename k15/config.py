@@ -19,11 +19,23 @@ class ModelConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 512
     max_position: int = 256
+    vocab_size: Optional[int] = None  # pad the default model's embedding to this (e.g. 151936 as Qwen2)
+
+
+@dataclass
+class VllmConfig:
+    """Engine arguments of the vLLM rollout engine (rollout=vllm; k15/rollout/vllm_engine.py)."""
+    dtype: str = "bfloat16"
+    gpu_memory_utilization: float = 0.5
+    max_model_len: int = 4096
+    enforce_eager: bool = False
+    enable_sleep_mode: bool = True
+    tensor_parallel_size: int = 1
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "torch"
+    engine: str = "torch"  # torch | vllm
     num_workers: int = 1
     num_threads: int = 1  # torch threads per rollout actor
     device: str = "cpu"
@@ -36,7 +48,11 @@ class RolloutConfig:
     repeat_times: int = 4
     repeat_penalty: float = 0.0  # reward of a sample stopped for repeating is -repeat_penalty
     bucket_mb: int = 64  # weight-broadcast bucket size
+    sync_backend: str = "auto"  # auto | nccl | gloo (k15/sync); auto: NCCL between distinct GPUs
+    dtype: Optional[str] = None  # the engine's weights (e.g. bfloat16); None: the model's
     overlap: bool = True  # rollouts run while the trainer steps (false: strictly alternate)
+    sleep_during_training: bool = False  # colocated: engines free their GPU memory while the trainer steps
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass

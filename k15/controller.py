@@ -43,7 +43,7 @@ from k15.reward.pool import RewardPool
 from k15.rollout.actor import NeedsWeights, RolloutActor
 from k15.rollout.engine import SamplingParams
 from k15.schema import SEGMENT_SCHEMA
-from k15.sync.broadcast import new_group_info
+from k15.sync import choose_backend
 from k15.trainer.trainer import Trainer
 from k15.watch import ActorWatch
 
@@ -89,7 +89,8 @@ class Controller:
         self.trainer = Trainer.options(**self.placement.trainer()).remote(
             cfg.model, cfg.trainer, cfg.algo, self.rcfg.temperature, cfg.seed, cfg.trainer.device, cfg.deterministic)
         self.rollouts = [RolloutActor.options(**self.placement.rollout(i), max_restarts=restarts).remote(
-            cfg.model, cfg.seed, self.rcfg.num_threads, self.rcfg.device, follows_trainer=True) for i in range(n)]
+            cfg.model, self.rcfg, cfg.seed, follows_trainer=True) for i in range(n)]
+        self.sync_backend = self.choose_sync_backend()
         self.connect_weights()
         self.weight_meta = ray.get(self.trainer.weight_meta.remote())
         self.version = 0
@@ -99,6 +100,7 @@ class Controller:
         self.stale_actors: set[int] = set()  # restarted rollout actors waiting for the next publish
         self.training = False  # a trainer step is running (weights cannot be published meanwhile)
         self.rollout_failures = 0
+        self.generation_seen = (0, 0.0)  # rollout tokens and generating seconds at the last iteration
         if resume_from:
             self.restore(resume_from)
 
@@ -124,7 +126,9 @@ class Controller:
             t3 = time.perf_counter()
             metrics = {"iter": it, **batch_metrics(batch), **shaping, **train, "wait_seconds": t1 - t0,
                        "sync_seconds": t3 - t2, "iter_seconds": t3 - t0,
-                       "tokens_per_s": train["trained_tokens"] / max(t3 - t0, 1e-9)}
+                       "tokens_per_s": train["trained_tokens"] / max(t3 - t0, 1e-9),
+                       "train_tokens_per_s": train["trained_tokens"] / max(train["train_seconds"], 1e-9),
+                       **self.rollout_throughput()}
             self.logger.log(metrics, step=it)
             self.log_trained_samples(it, batch)
             console.print(self.logger.iteration_line(metrics))
@@ -142,11 +146,16 @@ class Controller:
 
     def train(self, batch: pa.Table, rewards: list[float], it: int) -> dict:
         self.training = True
+        sleep = self.rcfg.sleep_during_training and not self.overlap  # colocated: the GPU goes to the trainer
         try:
+            if sleep:
+                ray.get([a.sleep.remote() for a in self.rollouts])
             return self.wait_keeping_rollouts_busy(self.trainer.train_iteration.remote(batch, rewards), it)
         except ray.exceptions.RayActorError as e:
             raise RunFailed(f"the trainer died in iteration {it}: {e}") from e
         finally:
+            if sleep:
+                ray.get([a.wake.remote() for a in self.rollouts])
             self.training = False
 
     def log_trained_samples(self, it: int, batch: pa.Table) -> None:
@@ -197,14 +206,43 @@ class Controller:
         self.logger.log(out)
         return out
 
+    def rollout_throughput(self) -> dict:
+        """Tokens per second of one rollout actor while it generates, since the last call."""
+        try:
+            stats = ray.get([a.generation_stats.remote() for a in self.rollouts])
+        except ray.exceptions.RayActorError:  # an actor is restarting: no number this iteration
+            return {}
+        tokens, seconds = sum(s["tokens"] for s in stats), sum(s["seconds"] for s in stats)
+        last, self.generation_seen = self.generation_seen, (tokens, seconds)
+        if tokens < last[0]:  # an actor restarted and its counters began again
+            return {}
+        return {"rollout_tokens": tokens - last[0],
+                "rollout_tokens_per_s": (tokens - last[0]) / max(seconds - last[1], 1e-9)}
+
+    def choose_sync_backend(self) -> str:
+        """NCCL between distinct GPUs; CUDA IPC where every rollout actor shares the trainer's GPU
+        (NCCL refuses two ranks on one device); gloo on CPU and for a mix of the two."""
+        backend = choose_backend(self.rcfg.sync_backend, self.cfg.trainer.device, self.rcfg.device)
+        if backend in ("nccl", "ipc"):
+            trainer_gpu = ray.get(self.trainer.gpu.remote())
+            shared = [gpu == trainer_gpu for gpu in ray.get([a.gpu.remote() for a in self.rollouts])]
+            fits = all(shared) if backend == "ipc" else not any(shared)
+            if not fits and self.rcfg.sync_backend == backend:
+                raise ValueError(f"rollout.sync_backend={backend} does not fit where the actors are "
+                                 f"({sum(shared)} of {len(shared)} rollout actors share the trainer's GPU)")
+            if self.rcfg.sync_backend == "auto":
+                backend = "ipc" if all(shared) else "nccl" if not any(shared) else "gloo"
+        console.print(f"weight sync: {backend}")
+        return backend
+
     def connect_weights(self) -> None:
         """A fresh broadcast group of the trainer (rank 0) and every rollout actor; also how an actor
         Ray restarted gets back in (the old group lost a member and cannot be used again)."""
-        info = new_group_info(world_size=1 + len(self.rollouts))
+        info = ray.get(self.trainer.new_weight_group.remote(self.sync_backend, 1 + len(self.rollouts)))
         bucket = self.rcfg.bucket_mb << 20
         ray.get([self.trainer.init_sync.remote(info, bucket)]
                 + [a.init_sync.remote(info, i + 1, bucket) for i, a in enumerate(self.rollouts)])
-        self.sync_group = info.master_port
+        self.sync_group = info.group_id
 
     def publish_weights(self, version: int = 0) -> None:
         """Bucketed broadcast from the trainer into every rollout actor; the actors swap the new

@@ -21,6 +21,10 @@ def load_policy(model_cfg, tokenizer, seed: int):
     if model_cfg.get("path"):
         return load_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype))
     vocab = ((len(tokenizer) + 31) // 32) * 32  # pad the embedding to a multiple of 32
+    if model_cfg.get("vocab_size"):
+        if model_cfg.vocab_size < len(tokenizer):
+            raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        vocab = model_cfg.vocab_size
     return build_default_model(
         vocab_size=vocab, hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
         num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads,

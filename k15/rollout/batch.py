@@ -37,8 +37,7 @@ class BatchSampler:
         # No repeat penalty: here a reward says only whether the answer is right.
         self.reward_pool = RewardPool(cfg.cluster.reward_workers, cfg.model.tokenizer or cfg.model.path, 0.0,
                                       config=cfg.reward)
-        self.actors = [RolloutActor.options(num_cpus=1).remote(cfg.model, cfg.seed, cfg.rollout.num_threads,
-                                                               cfg.rollout.device) for _ in range(n)]
+        self.actors = [RolloutActor.options(num_cpus=1).remote(cfg.model, cfg.rollout, cfg.seed) for _ in range(n)]
         self.calls = 0
 
     def params(self, temperature: float, max_response_tokens: int) -> SamplingParams:

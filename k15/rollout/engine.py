@@ -57,6 +57,29 @@ class RolloutEngine(ABC):
         """(name, shape, dtype) of every weight, for setting up a broadcast."""
         raise NotImplementedError
 
+    # -- weight broadcast (k15/sync): receivers are made inside the engine's own process ----------
+    def join_weight_group(self, info, rank: int, bucket_bytes: int) -> None:
+        """Join the trainer's broadcast group as `rank` (a new group replaces an old one)."""
+        from k15.sync import make_receiver
+
+        if getattr(self, "_receiver", None) is not None:
+            self._receiver.close()
+        self._receiver = make_receiver(info, rank, bucket_bytes, self.weight_device)
+
+    def receive_weights(self, meta, version: int) -> int:
+        """Take part in one broadcast and use the weights from then on; returns the bytes received.
+        This default collects copies and hands them to update_weights; engines override it to load
+        straight into their live parameters."""
+        tensors = {}
+        received = self._receiver.receive(meta, load=lambda named: tensors.update((n, t.clone()) for n, t in named))
+        self.update_weights(tensors, version)
+        return received
+
+    @property
+    def weight_device(self):
+        """Where received weights land (the NCCL backend needs a CUDA device)."""
+        return None
+
     def sleep(self) -> None:
         """Free accelerator memory for a colocated trainer (no-op on CPU)."""
 

@@ -45,6 +45,7 @@ class TorchEngine(RolloutEngine):
         self._version = version
         self._pending: tuple[dict, int] | None = None
         self._lock = threading.Lock()
+        self._step_lock = threading.Lock()  # held by each forward pass; an in-place weight load waits for it
 
     # -- weights -----------------------------------------------------------------------------
     @property
@@ -72,6 +73,32 @@ class TorchEngine(RolloutEngine):
             for name, tensor in tensors.items():
                 params[name].copy_(tensor, non_blocking=True)
         self._version = version
+
+    @property
+    def weight_device(self):
+        return self.device
+
+    def receive_weights(self, meta, version: int) -> int:
+        """On CUDA the broadcast lands in the live parameters (no second copy of the model); decoding
+        pauses between two steps while it does. On CPU the tensors are swapped in between steps."""
+        if self.device.type != "cuda":
+            tensors = {}
+            received = self._receiver.receive(meta, load=lambda named: tensors.update(named))  # fresh buffers
+            self.update_weights(tensors, version)
+            return received
+        params = dict(self.model.named_parameters())
+        unknown = {name for name, _, _ in meta} - set(params)
+        if unknown:
+            raise KeyError(f"weight broadcast names unknown parameters: {sorted(unknown)[:5]}")
+
+        def load(named):
+            for name, tensor in named:
+                params[name].data.copy_(tensor, non_blocking=True)
+
+        with self._step_lock, torch.no_grad():
+            received = self._receiver.receive(meta, load, target=lambda name: params[name].data)
+            self._version = version
+        return received
 
     def sleep(self) -> None:
         if self.device.type == "cuda":
@@ -112,8 +139,10 @@ class TorchEngine(RolloutEngine):
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
 
         cache = DynamicCache()
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True)
+        with self._step_lock:  # the version read with the forward pass that used those weights
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
+            step_version = self._version
         logits, next_pos = out.logits[:, -1], positions[:, -1] + 1
         budget = params.token_budget if params.token_budget is not None else math.inf
         while True:
@@ -124,7 +153,7 @@ class TorchEngine(RolloutEngine):
                 res, tok = results[i], token_list[b]
                 res.tokens.append(tok)
                 res.logprobs.append(logprob_list[b])
-                res.versions.append(self._version)
+                res.versions.append(step_version)
                 histories[i].append(tok)
                 if tok == self.eos_token_id:
                     res.finished, res.finish_reason = True, "eos"
@@ -144,7 +173,9 @@ class TorchEngine(RolloutEngine):
                 rows = [rows[b] for b in keep]
             self._apply_pending_weights()  # new weights take effect between decoding steps
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True)
+            with self._step_lock:
+                out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                 past_key_values=cache, use_cache=True)
+                step_version = self._version
             logits, next_pos = out.logits[:, -1], next_pos + 1
         return results

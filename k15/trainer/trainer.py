@@ -62,14 +62,27 @@ class Trainer:
 
     # -- weights -----------------------------------------------------------------------------
     def weight_meta(self):
-        from k15.sync.broadcast import meta_of
+        from k15.sync.buckets import meta_of
 
         return meta_of(self.model.named_parameters())
 
-    def init_sync(self, info, bucket_bytes: int) -> None:
-        from k15.sync.broadcast import WeightSender
+    def gpu(self) -> str | None:
+        from k15.rollout.actor import gpu_identity
 
-        self.sender = WeightSender(info, bucket_bytes)
+        return gpu_identity(self.device)
+
+    def new_weight_group(self, backend: str, world_size: int):
+        """Made here, on rank 0: the gloo store lives on this node; NCCL's unique id names this process."""
+        from k15.sync import new_group
+
+        return new_group(backend, world_size)
+
+    def init_sync(self, info, bucket_bytes: int) -> None:
+        from k15.sync import make_sender
+
+        if self.sender is not None:
+            self.sender.close()
+        self.sender = make_sender(info, bucket_bytes, self.device if self.device.type == "cuda" else None)
 
     def publish(self) -> dict:
         """Broadcast the current weights to every rollout actor (they call receive_weights)."""
