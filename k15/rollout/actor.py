@@ -102,6 +102,8 @@ class RolloutActor:
 
     def gpu(self) -> str | None:
         """This actor's GPU (node and device UUID), to tell colocated actors from separate ones."""
+        from k15.sync import gpu_identity
+
         return gpu_identity(getattr(self.engine, "weight_device", None))
 
     @ray.method(concurrency_group="sync")
@@ -156,12 +158,3 @@ def was_restarted() -> bool:
         warnings.simplefilter("ignore")
         return ray.get_runtime_context().was_current_actor_reconstructed
 
-
-def gpu_identity(device) -> str | None:
-    """'<node id>/<GPU UUID>' of a CUDA device, None elsewhere: two processes share a GPU when these
-    are equal (NCCL refuses such pairs)."""
-    if device is None or torch.device(device).type != "cuda":
-        return None
-    index = torch.device(device).index
-    uuid = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).uuid
-    return f"{ray.get_runtime_context().get_node_id()}/{uuid}"

@@ -65,14 +65,19 @@ class TorchEngine(RolloutEngine):
         if pending is None:
             return
         tensors, version = pending
-        params = dict(self.model.named_parameters())
-        unknown = set(tensors) - set(params)
-        if unknown:
-            raise KeyError(f"weight update names unknown parameters: {sorted(unknown)[:5]}")
+        params = self._parameters_named(tensors)
         with torch.no_grad():
             for name, tensor in tensors.items():
                 params[name].copy_(tensor, non_blocking=True)
         self._version = version
+
+    def _parameters_named(self, names) -> dict[str, torch.Tensor]:
+        """The model's parameters by name, after checking that every name in `names` is one."""
+        params = dict(self.model.named_parameters())
+        unknown = set(names) - set(params)
+        if unknown:
+            raise KeyError(f"weight update names unknown parameters: {sorted(unknown)[:5]}")
+        return params
 
     @property
     def weight_device(self):
@@ -86,10 +91,7 @@ class TorchEngine(RolloutEngine):
             received = self._receiver.receive(meta, load=lambda named: tensors.update(named))  # fresh buffers
             self.update_weights(tensors, version)
             return received
-        params = dict(self.model.named_parameters())
-        unknown = {name for name, _, _ in meta} - set(params)
-        if unknown:
-            raise KeyError(f"weight broadcast names unknown parameters: {sorted(unknown)[:5]}")
+        params = self._parameters_named(name for name, _, _ in meta)
 
         def load(named):
             for name, tensor in named:

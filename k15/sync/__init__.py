@@ -62,3 +62,17 @@ def make_receiver(info, rank: int, bucket_bytes: int, device=None):
     from k15.sync.gloo import WeightReceiver
 
     return WeightReceiver(info, rank, bucket_bytes)
+
+
+def gpu_identity(device) -> str | None:
+    """'<node id>/<GPU UUID>' of a CUDA device, None elsewhere: two processes share a GPU when these
+    are equal (NCCL refuses such pairs)."""
+    import torch
+
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    import ray
+
+    index = torch.device(device).index
+    uuid = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).uuid
+    return f"{ray.get_runtime_context().get_node_id()}/{uuid}"

@@ -67,7 +67,7 @@ class Trainer:
         return meta_of(self.model.named_parameters())
 
     def gpu(self) -> str | None:
-        from k15.rollout.actor import gpu_identity
+        from k15.sync import gpu_identity
 
         return gpu_identity(self.device)
 
