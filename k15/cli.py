@@ -125,7 +125,7 @@ def _run_training(cfg, overrides: list[str] = ()) -> int:
     from k15.atomic import atomic_write_text
     from k15.resume import save_overrides
     from k15.data.dataset import DatasetError, load_datasets
-    from k15.trainer.trainer import policy_loss
+    from k15.trainer.worker import policy_loss
 
     try:  # the prompt set, the sampler over it and the loss, before anything heavy starts
         train_set, _ = load_datasets(cfg.data, cfg.seed)

@@ -1,7 +1,8 @@
-"""Where k15's actors run: join a Ray cluster (or start a local one) and reserve the trainer's and
-the rollout actors' resources in one placement group, by the bundles in conf/cluster/.
+"""Where k15's actors run: join a Ray cluster (or start a local one) and reserve the rollout actors'
+resources in one placement group, by the bundles in conf/cluster/. The trainer's workers are placed
+by Ray Train (k15/trainer/group.py) with cluster.trainer_resources each.
 
-On an autoscaling cluster the placement group is what asks for nodes: its bundles (e.g. one GPU
+On an autoscaling cluster the placement groups are what ask for nodes: their bundles (e.g. one GPU
 and a `rollout_node` resource per rollout actor) make the autoscaler start workers of the matching
 node types (cluster/aws.yaml, cluster/gcp.yaml, cluster/kuberay-rayjob.yaml).
 """
@@ -37,27 +38,25 @@ def init_ray(cluster_cfg, cpus_needed: int) -> None:
 
 
 class Placement:
-    """One placement group: bundle 0 for the trainer, bundles 1..n for the rollout actors."""
+    """One placement group with a bundle per rollout actor; the trainer workers' resources are
+    checked here too, and Ray Train reserves them."""
 
     def __init__(self, cluster_cfg, num_rollouts: int):
         self.trainer_bundle = _bundle(cluster_cfg.trainer_resources, "cluster.trainer_resources")
         self.rollout_bundle = _bundle(cluster_cfg.rollout_resources, "cluster.rollout_resources")
-        bundles = [self.trainer_bundle] + [self.rollout_bundle] * num_rollouts
+        bundles = [self.rollout_bundle] * num_rollouts
         self.group = placement_group(bundles, strategy=cluster_cfg.placement_strategy, name="")
         try:
             ray.get(self.group.ready(), timeout=cluster_cfg.placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(self.group)
             raise PlacementError(
-                f"the cluster could not place the actors within {cluster_cfg.placement_timeout_s}s: they need "
-                f"trainer {self.trainer_bundle} + {num_rollouts} x rollout {self.rollout_bundle} "
+                f"the cluster could not place the rollout actors within {cluster_cfg.placement_timeout_s}s: they "
+                f"need {num_rollouts} x {self.rollout_bundle} "
                 f"({cluster_cfg.placement_strategy}); the cluster has {ray.cluster_resources()}") from None
 
-    def trainer(self) -> dict:
-        return _options(self.trainer_bundle, self.group, 0)
-
     def rollout(self, index: int) -> dict:
-        return _options(self.rollout_bundle, self.group, 1 + index)
+        return _options(self.rollout_bundle, self.group, index)
 
     def remove(self) -> None:
         ray.util.remove_placement_group(self.group)

@@ -100,6 +100,12 @@ class TrainerConfig:
     updates_per_iter: int = 1
     minibatches_per_iter: int = 2
     logprob_impl: str = "torch"  # torch | fused (k15.kernels)
+    # Packed micro-batches (k15/trainer/packing.py): samples whole, up to this many tokens each;
+    # gradients accumulate over a minibatch's micro-batches, however many its tokens make.
+    micro_batch_tokens: int = 1024
+    mixed_precision: bool = False  # bf16 compute, fp32 master weights and gradient reductions
+    activation_checkpointing: bool = False  # recompute each layer in backward (long sequences)
+    compile: bool = False  # torch.compile each decoder layer's norms and MLP (fused elementwise work; CUDA)
     warmup_steps: int = 1200
     warmup_batch_size: int = 64
     warmup_lr: float = 3e-3
@@ -131,9 +137,11 @@ class ClusterConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local Ray; "auto": the one `ray start` started here
     num_cpus: Optional[int] = None  # logical CPUs of a local Ray (None: enough for the actors)
     reward_workers: int = 1
+    trainer_workers: int = 1  # Ray Train workers (FSDP2 ranks), each with cluster.trainer_resources
     max_actor_restarts: int = 5  # Ray restarts a rollout or reward actor whose process dies this often
-    # One placement group (k15/cluster.py): a bundle for the trainer, one per rollout actor. Custom
-    # resources (e.g. rollout_node: 0.01) steer bundles to node types of an autoscaling cluster.
+    # Resources of each trainer worker (Ray Train's placement) and of each rollout actor (one bundle
+    # each in k15/cluster.py's placement group). Custom resources (e.g. rollout_node: 0.01) steer
+    # them to node types of an autoscaling cluster.
     trainer_resources: Dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     rollout_resources: Dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD

@@ -12,8 +12,9 @@
 
 Failures: a rollout actor that dies is restarted by Ray; the segments of its wave go back to the
 buffer (re-queued once) and it rejoins the weight broadcast before it generates again. Reward
-actors are restarted and their call retried by Ray. If the trainer or the buffer dies, run()
-raises RunFailed and `k15 train` restarts the run from its newest checkpoint.
+actors are restarted and their call retried by Ray. If a trainer worker (a Ray Train job,
+k15/trainer/group.py) or the buffer dies, run() raises RunFailed and `k15 train` restarts the run
+from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from k15.rollout.actor import NeedsWeights, RolloutActor
 from k15.rollout.engine import SamplingParams
 from k15.schema import SEGMENT_SCHEMA
 from k15.sync import choose_backend
-from k15.trainer.trainer import Trainer
+from k15.trainer.group import TrainerDied, TrainerGroup
 from k15.watch import ActorWatch
 
 
@@ -86,8 +87,10 @@ class Controller:
         self.reward_pool = RewardPool(cfg.cluster.reward_workers, tokenizer_dir, self.rcfg.repeat_penalty,
                                       config=cfg.reward, max_restarts=restarts)
         self.placement = Placement(cfg.cluster, n)
-        self.trainer = Trainer.options(**self.placement.trainer()).remote(
-            cfg.model, cfg.trainer, cfg.algo, self.rcfg.temperature, cfg.seed, cfg.trainer.device, cfg.deterministic)
+        self.trainer = TrainerGroup(cfg.model, cfg.trainer, cfg.algo, self.rcfg.temperature, cfg.seed,
+                                    num_workers=cfg.cluster.trainer_workers, resources=self.placement.trainer_bundle,
+                                    device=cfg.trainer.device, storage_path=str(self.run_dir.resolve() / "ray_train"),
+                                    deterministic=cfg.deterministic)
         self.rollouts = [RolloutActor.options(**self.placement.rollout(i), max_restarts=restarts).remote(
             cfg.model, self.rcfg, cfg.seed, follows_trainer=True) for i in range(n)]
         self.sync_backend = self.choose_sync_backend()
@@ -151,7 +154,7 @@ class Controller:
             if sleep:
                 ray.get([a.sleep.remote() for a in self.rollouts])
             return self.wait_keeping_rollouts_busy(self.trainer.train_iteration.remote(batch, rewards), it)
-        except ray.exceptions.RayActorError as e:
+        except (ray.exceptions.RayActorError, TrainerDied) as e:
             raise RunFailed(f"the trainer died in iteration {it}: {e}") from e
         finally:
             if sleep:
@@ -285,7 +288,7 @@ class Controller:
         try:
             ray.get(self.trainer.pid.remote(), timeout=60)
             return True
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, TrainerDied):
             return False
 
     # -- checkpoints --------------------------------------------------------------------------

@@ -48,7 +48,10 @@ class ActorWatch:
             return
         name = info["ActorClassName"]
         if now[0] == "DEAD" and before[0] != "DEAD":
-            event = f"{name} (pid {before[2]}) died for good: {info.get('DeathCause') or 'no cause reported'}"
+            cause = _error_message(info.get("DeathCause"))
+            if "ray.kill" in cause:  # stopped on purpose (e.g. Ray Train ending its workers)
+                return
+            event = f"{name} (pid {before[2]}) died for good: {cause}"
         elif now[1] > before[1]:
             event = f"{name} (pid {before[2]}) died; Ray restarts it (restart {now[1]})"
         else:
@@ -58,3 +61,12 @@ class ActorWatch:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _error_message(cause) -> str:
+    """The error_message line of Ray's death-cause record (a protobuf dump), else all of it."""
+    text = str(cause or "no cause reported")
+    for line in text.splitlines():
+        if "error_message:" in line:
+            return line.split("error_message:", 1)[1].strip().strip('"')
+    return text

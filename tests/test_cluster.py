@@ -67,14 +67,16 @@ def test_a_placement_that_cannot_fit_names_what_it_asked_for():
 
     from k15.cluster import Placement, PlacementError
 
-    cfg = OmegaConf.create({"trainer_resources": {"CPU": 1, "GPU": 1}, "rollout_resources": {"CPU": 1},
+    cfg = OmegaConf.create({"trainer_resources": {"CPU": 1}, "rollout_resources": {"CPU": 1, "GPU": 1},
                             "placement_strategy": "PACK", "placement_timeout_s": 2})
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
-        with pytest.raises(PlacementError, match=r"trainer \{'CPU': 1.0, 'GPU': 1.0\} \+ 1 x rollout"):
-            Placement(cfg, 1)
-        fits = Placement(OmegaConf.merge(cfg, {"trainer_resources": {"GPU": 0}}), 1)
-        assert fits.trainer()["num_cpus"] == 1 and fits.rollout(0)["num_gpus"] == 0
+        with pytest.raises(PlacementError, match=r"need 2 x \{'CPU': 1.0, 'GPU': 1.0\}"):
+            Placement(cfg, 2)
+        with pytest.raises(PlacementError, match="cluster.trainer_resources must ask for some resource"):
+            Placement(OmegaConf.merge(cfg, {"trainer_resources": {"CPU": 0}}), 1)
+        fits = Placement(OmegaConf.merge(cfg, {"rollout_resources": {"GPU": 0}}), 2)
+        assert fits.rollout(1)["num_cpus"] == 1 and fits.rollout(1)["num_gpus"] == 0
         fits.remove()
     finally:
         ray.shutdown()

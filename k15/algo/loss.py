@@ -67,7 +67,9 @@ def mirror_descent_loss(
     old_logp:  [N] log-probs of the same tokens under pi_theta_i, computed by the same function.
     seq_ids:   [N] int64, the sequence of each token in [0, S); -1 marks a token left out of the loss.
     rewards:   [S] rewards; sequences come in groups of `group_size` consecutive rows per prompt.
-    Returns the scalar loss (mean over prompts of L / (2 tau)) and detached statistics.
+    Returns the scalar loss (mean over prompts of L / (2 tau), over the sequences that have tokens
+    here) and detached statistics. Calls on disjoint sets of sequences with the same `rewards` add
+    up, loss and mean_log_ratio both: that is how the trainer accumulates micro-batches.
     """
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
@@ -77,8 +79,11 @@ def mirror_descent_loss(
     log_ratio = sequence_sums(logp.float() - old_logp.float(), seq_ids, num_sequences)
     advantage = rewards - group_baseline(rewards, group_size)
     residual = advantage - tau * log_ratio
+    # A sequence without a token here adds only a constant (its gradient is 0): leaving it out
+    # makes the loss of a batch split by sequence into micro-batches the sum of theirs.
+    present = sequence_sums(torch.ones_like(logp), seq_ids, num_sequences) > 0
     num_groups = num_sequences // group_size
-    loss = residual.pow(2).sum() / (group_size * num_groups * 2.0 * tau)
+    loss = (residual.pow(2) * present).sum() / (group_size * num_groups * 2.0 * tau)
     stats = LossStats(
         loss=loss.item(),
         mean_reward=rewards.mean().item(),

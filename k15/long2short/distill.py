@@ -69,10 +69,12 @@ def _text(tokenizer, tokens: list[int]) -> str:
 def fine_tune(cfg, method: str, data: list[tuple], checkpoint: Path) -> dict:
     """SFT (method "shortest") or DPO (method "dpo") of the policy at model.path on `data`, on one
     trainer actor; the result is saved to `checkpoint` (a Hugging Face directory)."""
-    from k15.trainer.trainer import Trainer
+    from k15.trainer.group import TrainerGroup
 
     l2s, t = cfg.long2short, cfg.trainer
-    trainer = Trainer.options(num_cpus=1).remote(cfg.model, t, cfg.algo, 1.0, cfg.seed, t.device)
+    trainer = TrainerGroup(cfg.model, t, cfg.algo, 1.0, cfg.seed, num_workers=cfg.cluster.trainer_workers,
+                           resources=cfg.cluster.trainer_resources, device=t.device,
+                           storage_path=str(checkpoint.parent.resolve() / "ray_train"))
     try:
         if method == "shortest":
             stats = ray.get(trainer.sft.remote(data, l2s.steps, l2s.batch_size, l2s.lr, t.warmup_threads))
@@ -80,5 +82,5 @@ def fine_tune(cfg, method: str, data: list[tuple], checkpoint: Path) -> dict:
             stats = ray.get(trainer.dpo.remote(data, l2s.steps, l2s.batch_size, l2s.lr, l2s.beta, t.warmup_threads))
         ray.get(trainer.save.remote(str(checkpoint)))
     finally:
-        ray.kill(trainer)
+        trainer.shutdown()
     return stats
