@@ -115,8 +115,7 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
         torch.cuda.synchronize()
         if profiler:
             profiler.__exit__(None, None, None)
-            print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
-            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+            print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=50))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))

@@ -41,8 +41,7 @@ def make_worker(device: str, micro_batch_tokens: int):
     from k15.trainer.worker import TrainerWorker
 
     if device.startswith("cuda"):  # Qwen2-0.5B's shape, bf16 compute over fp32 master weights
-        model = OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                OmegaConf.load("conf/model/qwen2_0p5b.yaml") if _repo_root() else {})
+        model = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(conf_dir() / "model/qwen2_0p5b.yaml"))
     else:
         model = OmegaConf.structured(ModelConfig)  # the small default
     trainer = OmegaConf.structured(TrainerConfig(micro_batch_tokens=micro_batch_tokens, minibatches_per_iter=1,
@@ -52,10 +51,13 @@ def make_worker(device: str, micro_batch_tokens: int):
     return TrainerWorker(model, trainer, algo, temperature=1.0, seed=0, device=device)
 
 
-def _repo_root() -> bool:
+def conf_dir():
+    """The installed configs (conf/ installs as k15.conf)."""
     from pathlib import Path
 
-    return Path("conf/model/qwen2_0p5b.yaml").is_file()
+    import k15.conf
+
+    return Path(k15.conf.__file__).parent
 
 
 def full_tensors(named) -> dict[str, torch.Tensor]:
