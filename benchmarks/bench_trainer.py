@@ -70,7 +70,7 @@ def flops_of(batch, layer_params: int, head_params: int, hidden: int, layers: in
 
 
 def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmup: int, checkpointing: bool,
-             compile_layers: bool, profile: bool = False) -> dict:
+             compile_layers: bool, profile: bool = False, phases: bool = False) -> dict:
     from tqdm import tqdm
 
     from k15.trainer.packing import Sample
@@ -96,7 +96,7 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
     opt = worker._optimizer(1e-5)
     worker.policy.train()
     base = torch.cuda.memory_allocated()
-    times, phases, flops, tokens = [], [], 0.0, 0
+    times, times_by_phase, flops, tokens = [], [], 0.0, 0
     for i, micro in enumerate(tqdm(micros, desc=name, mininterval=5)):
         profiler = torch.profiler.profile() if profile and i == warmup else None
         if profiler:
@@ -106,10 +106,12 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
         logp = worker._logprobs(micro)
         trained = int((micro.seq_ids >= 0).sum())
         loss = -logp.sum() / max(trained, 1)
-        torch.cuda.synchronize()
+        if phases:  # the extra synchronisations cost a little: off for the headline numbers
+            torch.cuda.synchronize()
         t1 = time.perf_counter()
         worker._backward(loss, logp)
-        torch.cuda.synchronize()
+        if phases:
+            torch.cuda.synchronize()
         t2 = time.perf_counter()
         worker._step(opt)
         torch.cuda.synchronize()
@@ -118,14 +120,15 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
             print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=50))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-            phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+            times_by_phase.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
             f, t = flops_of(micro, layer_params, head_params, hidden, layers)
             flops, tokens = flops + f, tokens + t
     seconds = sum(times)
     result = {"case": name, "micro_batch_tokens": micro_tokens, "steps": steps,
               "activation_checkpointing": checkpointing, "compile": compile_layers,
               "seconds_per_step": seconds / steps, "median_step_seconds": sorted(times)[len(times) // 2],
-              "forward_backward_optimizer_seconds": [sum(p[j] for p in phases) / steps for j in range(3)],
+              "forward_backward_optimizer_seconds": [sum(p[j] for p in times_by_phase) / steps for j in range(3)]
+              if phases else None,
               "tokens_per_s": tokens / seconds,
               "mfu": flops / seconds / PEAK_BF16, "padding_waste": 1 - tokens / (steps * micro_tokens),
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -144,6 +147,7 @@ def main() -> None:
     ap.add_argument("--cases", default="packed_eager,packed,packed_short,long")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation, recompilation)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of the first timed step")
+    ap.add_argument("--phases", action="store_true", help="time forward, backward and optimizer apart")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_trainer.py needs a CUDA GPU")
@@ -169,7 +173,8 @@ def main() -> None:
         c = cases[name]
         steps = args.steps if name.startswith("packed") else max(2, args.steps // 3)
         try:
-            results.append(run_case(name, steps=steps, warmup=args.warmup, profile=args.profile, **c))
+            results.append(run_case(name, steps=steps, warmup=args.warmup, profile=args.profile, phases=args.phases,
+                                    **c))
         except torch.OutOfMemoryError as e:
             results.append({"case": name, "error": f"out of memory: {str(e)[:200]}"})
         print(json.dumps(results[-1]), flush=True)

@@ -150,10 +150,10 @@ def _run_training(cfg, overrides: list[str] = ()) -> int:
         controller = Controller(cfg, run_dir, resume_from)
         try:
             summary = controller.run()
-            controller.watch.stop()
+            controller.close()
             break
         except (RunFailed, ray.exceptions.RayActorError) as e:
-            controller.watch.stop()
+            controller.close()
             controller.logger.finish()
             ray_stop()
             resume_from = checkpoint.newest_intact(run_dir)

@@ -107,6 +107,12 @@ class Controller:
         if resume_from:
             self.restore(resume_from)
 
+    def close(self) -> None:
+        """Stop the actor watch and let the trainer's Ray Train job end (before Ray stops: a job
+        still polling from a thread at interpreter exit can take the process down with it)."""
+        self.watch.stop()
+        self.trainer.shutdown()
+
     # -- the paper's loop ---------------------------------------------------------------------
     def run(self) -> dict:
         summary = {"run_dir": str(self.run_dir)}

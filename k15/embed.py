@@ -107,5 +107,5 @@ class Session:
         return stats
 
     def close(self) -> None:
-        self.controller.watch.stop()
+        self.controller.close()
         ray.shutdown()
