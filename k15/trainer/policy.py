@@ -62,5 +62,8 @@ def shard(policy: PackedPolicy, mixed_precision: bool, activation_checkpointing:
             for part in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
                 part.compile()
         fully_shard(layer, mp_policy=mp)
-    fully_shard(policy, mp_policy=mp)
+    # The root (embedding, tied LM head, final norm) is re-gathered for every forward too, as the
+    # layers are: a root left gathered between steps gave a resumed run gradients that differed
+    # from the uninterrupted run's in the last bit, which Adam then grew.
+    fully_shard(policy, mp_policy=mp, reshard_after_forward=True)
     return policy
