@@ -34,7 +34,16 @@ def init_ray(cluster_cfg, cpus_needed: int) -> None:
         console.print(f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}")
         return
     num_cpus = cluster_cfg.num_cpus or max(os.cpu_count() or 1, cpus_needed)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Ray Train's placement-group cleaner asks the state API (served by the dashboard, which a
+    local k15 Ray does not start) about its controller every second, and warns each time it cannot."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 class Placement:

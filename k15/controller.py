@@ -304,7 +304,7 @@ class Controller:
         self.drain()
         start = time.perf_counter()
         with checkpoint.writing(self.run_dir, it, self.cfg.checkpoint.keep) as tmp:
-            ray.get(self.trainer.save_state.remote(str(tmp)))
+            ray.get(self.trainer.save_state.remote(str(tmp.resolve())))  # the workers' cwd is not ours
             snapshot = ray.get(self.buffer.snapshot.remote())
             checkpoint.write_buffer(tmp, snapshot)
             state = {"iteration": it, "version": self.version, "waves_launched": self.waves_launched,
@@ -321,7 +321,7 @@ class Controller:
     def restore(self, path: Path) -> None:
         """The state save_state wrote, into the freshly started actors."""
         state = json.loads((path / "controller.json").read_text())
-        version = ray.get(self.trainer.load_state.remote(str(path)))
+        version = ray.get(self.trainer.load_state.remote(str(Path(path).resolve())))
         ray.get(self.buffer.restore.remote({**checkpoint.read_buffer(path), "counts": state["buffer_counts"]}))
         self.sampler.load_state_dict(state["sampler"])
         self.version, self.waves_launched = version, state["waves_launched"]
@@ -333,7 +333,7 @@ class Controller:
     def save_checkpoint(self) -> str:
         """The policy (a Hugging Face directory: `model.path=` loads it) and the sampler's state."""
         path = self.run_dir / "checkpoint"
-        ray.get(self.trainer.save.remote(str(path)))
+        ray.get(self.trainer.save.remote(str(path.resolve())))
         (path / "sampler.json").write_text(json.dumps(self.sampler.state_dict()))
         return str(path)
 

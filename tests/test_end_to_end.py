@@ -43,3 +43,18 @@ def test_recipe_switches_reach_the_loop(tmp_path):
     assert state["name"] == "prioritized"
     assert len(state["success_rates"]) >= 4 and all(0.0 <= s <= 1.0 for s in state["success_rates"].values())
     assert (run_dir / "checkpoint" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_relative_run_dir_gets_the_trainers_files(tmp_path, monkeypatch):
+    """The trainer's Ray Train workers run in a directory of their own: a run_dir relative to where
+    `k15 train` started must still receive their checkpoint shards and the final policy."""
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", "logger=none", "run_dir=rel/run", "algo.num_iters=1", "algo.prompts_per_iter=2",
+               "algo.samples_per_prompt=2", "trainer.warmup_steps=2", "data.train_size=20", "data.eval_size=4",
+               "rollout.max_response_tokens=16", "eval_before=false", "eval_after=false", "checkpoint.every=1"])
+    assert rc == 0
+    run = tmp_path / "rel" / "run"
+    assert (run / "checkpoints" / "iter_000001" / "shards" / ".metadata").is_file()
+    assert (run / "checkpoints" / "iter_000001" / "model" / "model.safetensors").is_file()
+    assert (run / "checkpoint" / "model.safetensors").is_file() and (run / "checkpoint" / "sampler.json").is_file()

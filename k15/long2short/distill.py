@@ -80,7 +80,7 @@ def fine_tune(cfg, method: str, data: list[tuple], checkpoint: Path) -> dict:
             stats = ray.get(trainer.sft.remote(data, l2s.steps, l2s.batch_size, l2s.lr, t.warmup_threads))
         else:
             stats = ray.get(trainer.dpo.remote(data, l2s.steps, l2s.batch_size, l2s.lr, l2s.beta, t.warmup_threads))
-        ray.get(trainer.save.remote(str(checkpoint)))
+        ray.get(trainer.save.remote(str(checkpoint.resolve())))  # the workers' cwd is not ours
     finally:
         trainer.shutdown()
     return stats
