@@ -104,8 +104,7 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         logp = worker._logprobs(micro)
-        trained = int((micro.seq_ids >= 0).sum())
-        loss = -logp.sum() / max(trained, 1)
+        loss = -logp.sum() / max(micro.num_trained, 1)
         if phases:  # the extra synchronisations cost a little: off for the headline numbers
             torch.cuda.synchronize()
         t1 = time.perf_counter()

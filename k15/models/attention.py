@@ -9,6 +9,8 @@ no mask in memory); elsewhere, causal SDPA one document at a time. No [T x T] ma
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -50,11 +52,9 @@ def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
     """torch.nn.attention.varlen across PyTorch versions: older ones (2.11) say causal with
     `is_causal` and want as many KV heads as query heads (repeated here); newer ones take a window
     and `enable_gqa`."""
-    import inspect
-
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_parameters()
     extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
@@ -62,6 +62,16 @@ def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
         else:
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **extra)
+
+
+@functools.cache
+def _varlen_parameters():
+    """varlen_attn's keyword names, read once (this runs in every layer, forward and backward)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return inspect.signature(varlen_attn).parameters
 
 
 def _no_mask(*args, **kwargs):

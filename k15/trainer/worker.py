@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from k15.algo.dpo import dpo_loss
 from k15.algo.grpo import grpo_loss
-from k15.algo.loss import mirror_descent_loss
+from k15.algo.loss import mirror_descent_loss, sequence_sums
 from k15.algo.reinforce import reinforce_loss
 from k15.trainer.packing import PackedBatch, Sample, pack, split_for_ranks
 from k15.trainer.policy import PackedPolicy, shard
@@ -252,8 +252,7 @@ class TrainerWorker:
         mine = torch.zeros(2 * len(triples), dtype=torch.float32, device=self.device)
         for micro in self._micro_batches(samples):
             logp = self._logprobs(micro)
-            keep = micro.seq_ids >= 0
-            mine = mine.index_add(0, micro.seq_ids[keep], logp[keep]) + 0.0 * logp.sum()
+            mine = mine + sequence_sums(logp, micro.seq_ids, len(samples)) + 0.0 * logp.sum()
         everyone = mine.detach().to(self._collective_device())
         dist.all_reduce(everyone)
         sums = mine + (everyone.to(self.device) - mine.detach())
