@@ -3,12 +3,14 @@ trainer's own hot path (k15/trainer/worker.py: packed micro-batches through the 
 policy, the fused log-prob kernels, AdamW on fp32 master weights), for
 
   packed:        long-tail samples (p99/median >= 8, median 1k, up to 32k) packed into micro-batches
-                 of 32k tokens, one optimizer step per micro-batch (bf16 compute, compiled norms
-                 and MLP, no activation checkpointing); packed_eager: the same, not compiled;
+                 of 32k tokens (bf16 compute, compiled decoder layers, no activation
+                 checkpointing); packed_eager: the same, not compiled;
   packed_short:  the same with the packing benchmark's lengths (median 512, up to 8k);
   long:          one 128k-token sample (activation checkpointing on).
 
     python benchmarks/bench_trainer.py --out /tmp/trainer     # on a GPU; prints a table, writes trainer.json
+    python benchmarks/bench_trainer.py --cases packed_short:4 --profile   # 4 micro-batches per optimizer
+                                                              # step; where one micro-batch's time goes
 
 MFU counts model FLOPs only (recomputation by activation checkpointing is not credited):
 6 x (decoder matmul parameters) per token, 6 x (LM head) per trained token, and causal attention
@@ -69,8 +71,70 @@ def flops_of(batch, layer_params: int, head_params: int, hidden: int, layers: in
     return 6 * layer_params * tokens + 6 * head_params * trained + attention, tokens
 
 
+KERNEL_GROUPS = [  # (group, substrings of CUDA kernel names), first match wins
+    ("FlashAttention", ("flash",)),
+    ("LM head (k15 Triton)", ("_fwd_ws_kernel", "_fwd_kernel", "_grad_logits", "_target_logit", "_lse_", "_dhidden",
+                              "_dweight", "_combine", "_finalize")),
+    ("GEMM (cuBLAS)", ("gemm", "nvjet", "sm90_xmma", "cutlass", "Kernel2", "splitKreduce")),
+    ("fused elementwise (Inductor)", ("triton_",)),
+    ("optimizer", ("multi_tensor", "adam", "fused_adam")),
+    ("FSDP copies, casts", ("copy", "cast", "chunk_cat", "split_with_sizes", "CatArray", "foreach_copy")),
+    ("NCCL", ("nccl",)),
+]
+
+
+def is_kernel(event) -> bool:
+    """A kernel or copy on the GPU, not a user range the profiler also draws there (Optimizer.step#...)."""
+    name = getattr(event, "key", None) or event.name
+    return (event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+            and "#" not in name)
+
+
+def kernel_table(profiler, wall_ms: float) -> list[tuple[str, float]]:
+    """CUDA time of one profiled step by kernel group, and the top kernels: where the step goes."""
+    groups: dict[str, float] = {}
+    kernels = []
+    for e in profiler.key_averages():
+        ms = e.self_device_time_total / 1e3
+        if ms <= 0 or not is_kernel(e):
+            continue
+        name = e.key.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k.lower() in name for k in keys)), "other elementwise")
+        groups[group] = groups.get(group, 0.0) + ms
+        kernels.append((ms, e.count, group, e.key[:90]))
+    busy = sum(groups.values())
+    print(f"\none step: {wall_ms:.1f} ms wall, {busy:.1f} ms of kernels, {wall_ms - busy:.1f} ms with the GPU idle")
+    for g, ms in sorted(groups.items(), key=lambda x: -x[1]):
+        print(f"  {g:<32}{ms:>9.1f} ms {ms / wall_ms:>6.1%}")
+    print("top kernels (ms, calls, name):")
+    for ms, n, _, key in sorted(kernels, reverse=True)[:20]:
+        print(f"  {ms:>8.2f} {n:>5}  {key}")
+    print("top kernels outside GEMM, attention and the head:")
+    for ms, n, _, key in sorted(k for k in kernels if k[2] not in ("GEMM (cuBLAS)", "FlashAttention",
+                                                                   "LM head (k15 Triton)"))[::-1][:20]:
+        print(f"  {ms:>8.2f} {n:>5}  {key}")
+    idle_gaps(profiler)
+    return sorted(groups.items(), key=lambda x: -x[1])
+
+
+def idle_gaps(profiler, top: int = 12) -> None:
+    """Where the GPU waits: gaps between consecutive kernels (any stream) with the kernels around them."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in profiler.events() if is_kernel(e))
+    gaps, end, last = [], None, None
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gaps.append(((start - end) / 1e3, last[:50], name[:50]))
+        if end is None or stop > end:
+            end, last = stop, name
+    total = sum(g for g, _, _ in gaps)
+    print(f"GPU idle between kernels: {total:.1f} ms in {len(gaps)} gaps; "
+          f"{sum(g for g, _, _ in gaps if g > 0.05):.1f} ms in gaps over 50 us. Largest (ms, after -> before):")
+    for g, a, b in sorted(gaps, reverse=True)[:top]:
+        print(f"  {g:>7.2f}  {a} -> {b}")
+
+
 def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmup: int, checkpointing: bool,
-             compile_layers: bool, profile: bool = False, phases: bool = False) -> dict:
+             compile_layers: bool, accumulate: int = 1, profile: bool = False, phases: bool = False) -> dict:
     from tqdm import tqdm
 
     from k15.trainer.packing import Sample
@@ -91,43 +155,68 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
         samples.append(Sample(tokens, [False] * (p - 1) + [True] * (n - p), i))
     micros = worker._micro_batches(samples)
     random.Random(2).shuffle(micros)  # first-fit decreasing puts the longest documents first
-    need = warmup + steps
+    warmup = math.ceil(warmup / accumulate) * accumulate  # whole optimizer steps
+    # profiled (untimed): the last micro-batch of one more accumulation, so it includes an optimizer step
+    profiled = warmup + steps + accumulate - 1 if profile else -1
+    need = warmup + steps + (accumulate if profile else 0)
     micros = (micros * math.ceil(need / len(micros)))[:need]
     opt = worker._optimizer(1e-5)
     worker.policy.train()
     base = torch.cuda.memory_allocated()
-    times, times_by_phase, flops, tokens = [], [], 0.0, 0
+    # The timed window runs micro-batches back to back as the trainer does (the host queues the next
+    # one while the GPU finishes the last; it waits only where the trainer does): one wall-clock
+    # time for the window, per-micro-batch times from CUDA events. --phases synchronises inside.
+    marks, phase_times, flops, tokens, kernels = [], [], 0.0, 0, None
     for i, micro in enumerate(tqdm(micros, desc=name, mininterval=5)):
-        profiler = torch.profiler.profile() if profile and i == warmup else None
+        timed = warmup <= i < warmup + steps
+        if i == warmup:
+            torch.cuda.synchronize()
+            window_start = time.perf_counter()
+        if timed:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        profiler = torch.profiler.profile() if i == profiled else None
         if profiler:
+            torch.cuda.synchronize()
             profiler.__enter__()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+            t0 = time.perf_counter()
+        if phases:
+            torch.cuda.synchronize()
+            p0 = time.perf_counter()
         logp = worker._logprobs(micro)
         loss = -logp.sum() / max(micro.num_trained, 1)
-        if phases:  # the extra synchronisations cost a little: off for the headline numbers
+        if phases:
             torch.cuda.synchronize()
-        t1 = time.perf_counter()
+            p1 = time.perf_counter()
         worker._backward(loss, logp)
         if phases:
             torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        worker._step(opt)
-        torch.cuda.synchronize()
+            p2 = time.perf_counter()
+        if (i + 1) % accumulate == 0:
+            worker._step(opt)
+        if phases and timed:
+            torch.cuda.synchronize()
+            phase_times.append((p1 - p0, p2 - p1, time.perf_counter() - p2))
         if profiler:
+            torch.cuda.synchronize()
             profiler.__exit__(None, None, None)
-            print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=50))
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            times_by_phase.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+            kernels = kernel_table(profiler, 1e3 * (time.perf_counter() - t0))
+        if timed:
             f, t = flops_of(micro, layer_params, head_params, hidden, layers)
             flops, tokens = flops + f, tokens + t
-    seconds = sum(times)
-    result = {"case": name, "micro_batch_tokens": micro_tokens, "steps": steps,
-              "activation_checkpointing": checkpointing, "compile": compile_layers,
-              "seconds_per_step": seconds / steps, "median_step_seconds": sorted(times)[len(times) // 2],
-              "forward_backward_optimizer_seconds": [sum(p[j] for p in times_by_phase) / steps for j in range(3)]
-              if phases else None,
+        if i == warmup + steps - 1:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - window_start
+    times = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:]))
+    result = {"case": name, "micro_batch_tokens": micro_tokens, "steps": steps, "micro_batches_per_optimizer_step":
+              accumulate, "activation_checkpointing": checkpointing, "compile": compile_layers,
+              "compiled_graphs": compiled_graphs(),
+              "profile_ms_by_kernel_group": dict(kernels) if kernels else None,
+              "seconds_per_step": seconds / steps, "median_step_seconds": times[len(times) // 2],
+              "forward_backward_optimizer_seconds": [sum(p[j] for p in phase_times) / len(phase_times)
+                                                     for j in range(3)] if phases else None,
               "tokens_per_s": tokens / seconds,
               "mfu": flops / seconds / PEAK_BF16, "padding_waste": 1 - tokens / (steps * micro_tokens),
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -135,6 +224,13 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
               "state_memory_gib": base / 2**30}
     del worker, opt
     return result
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile built so far in this process (recompilations included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def main() -> None:
@@ -168,24 +264,29 @@ def main() -> None:
         "long": dict(long, compile_layers=True),
     }
     results = []
-    for name in args.cases.split(","):
+    for spec in args.cases.split(","):
+        name, _, acc = spec.partition(":")  # "packed:4": 4 micro-batches per optimizer step
+        accumulate = int(acc or 1)
         c = cases[name]
         steps = args.steps if name.startswith("packed") else max(2, args.steps // 3)
+        steps = math.ceil(steps / accumulate) * accumulate
         try:
             results.append(run_case(name, steps=steps, warmup=args.warmup, profile=args.profile, phases=args.phases,
-                                    **c))
+                                    accumulate=accumulate, **c))
         except torch.OutOfMemoryError as e:
             results.append({"case": name, "error": f"out of memory: {str(e)[:200]}"})
         print(json.dumps(results[-1]), flush=True)
     gpu = torch.cuda.get_device_name()
     print(f"\n{gpu}, Qwen2-0.5B shape (494M parameters), bf16 compute / fp32 master weights, FSDP2 on 1 GPU")
-    print(f"{'case':<18}{'tokens/step':>12}{'s/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'waste':>7}")
+    print(f"{'case':<18}{'micro/opt':>10}{'tokens/micro':>13}{'s/micro':>9}{'tokens/s':>11}{'MFU':>7}"
+          f"{'peak GiB':>10}{'waste':>7}{'graphs':>8}")
     for r in results:
         if "error" in r:
             print(f"{r['case']:<18}{r['error']}")
             continue
-        print(f"{r['case']:<18}{r['micro_batch_tokens']:>12}{r['seconds_per_step']:>9.3f}{r['tokens_per_s']:>11.0f}"
-              f"{r['mfu']:>7.1%}{r['peak_memory_gib']:>10.1f}{r['padding_waste']:>7.1%}")
+        print(f"{r['case']:<18}{r['micro_batches_per_optimizer_step']:>10}{r['micro_batch_tokens']:>13}"
+              f"{r['seconds_per_step']:>9.3f}{r['tokens_per_s']:>11.0f}{r['mfu']:>7.1%}{r['peak_memory_gib']:>10.1f}"
+              f"{r['padding_waste']:>7.1%}{r['compiled_graphs']:>8}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trainer.json").write_text(json.dumps({"gpu": gpu, "date": time.strftime("%Y-%m-%d"),

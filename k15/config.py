@@ -105,7 +105,7 @@ class TrainerConfig:
     micro_batch_tokens: int = 1024
     mixed_precision: bool = False  # bf16 compute, fp32 master weights and gradient reductions
     activation_checkpointing: bool = False  # recompute each layer in backward (long sequences)
-    compile: bool = False  # torch.compile each decoder layer's norms and MLP (fused elementwise work; CUDA)
+    compile: bool = False  # torch.compile each decoder layer (fused elementwise work around the GEMMs; CUDA)
     warmup_steps: int = 1200
     warmup_batch_size: int = 64
     warmup_lr: float = 3e-3
@@ -212,6 +212,7 @@ class Long2ShortConfig:
     problems: int = 1024  # shortest / dpo: training problems sampled from the long policy
     samples: int = 8  # n samples per problem
     temperature: float = 1.0
+    rounds: int = 1  # shortest: sample -> keep the shortest correct -> SFT, repeated from each round's policy
     steps: int = 200  # shortest (SFT) / dpo: optimizer steps
     batch_size: int = 32  # examples (dpo: pairs) per step
     lr: float = 1e-4

@@ -41,7 +41,7 @@ with scratch of about `scratch_bytes` (default 504 MiB).
 
 from __future__ import annotations
 
-import math
+import inspect
 import os
 import warnings
 
@@ -64,6 +64,18 @@ def _interpret() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+# Integer arguments that follow the batch's row count. Triton would compile a new variant of a kernel
+# each time one of them changes between "divisible by 16" and not (a stall of seconds in the middle
+# of training); they only bound masks and loops, so nothing is lost by not specializing on them.
+_ROW_COUNTS = ["n", "part_stride", "n_blocks", "tiles_per_split", "num_splits", "num_progs", "row0"]
+
+
+def _jit_row_counts(fn):
+    """triton.jit, not specializing on the row-count arguments that `fn` has."""
+    params = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[a for a in _ROW_COUNTS if a in params])
+
+
 @triton.jit
 def _lse_tile_update(acc, m_i, s_i, e_i, vt, V, scale2, ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr):
     """Fold one [BLOCK_M, BLOCK_N] tile of raw logits into the running (max, sum 2^.., sum p*z)."""
@@ -78,7 +90,7 @@ def _lse_tile_update(acc, m_i, s_i, e_i, vt, V, scale2, ENTROPY: tl.constexpr, B
     return m_new, s_i, e_i
 
 
-@triton.jit
+@_jit_row_counts
 def _fwd_kernel(
     h_ptr,
     w_ptr,
@@ -150,7 +162,7 @@ def _fwd_kernel(
         tl.store(e_ptr + out, e_i * scale2, mask=m_mask)
 
 
-@triton.jit
+@_jit_row_counts
 def _fwd_tma_kernel(
     h_desc,
     w_desc,
@@ -209,7 +221,7 @@ def _unit_coords(unit, num_splits, n_blocks, GROUP: tl.constexpr):
     return first_m + r % gsize, r // gsize
 
 
-@triton.jit
+@_jit_row_counts
 def _fwd_ws_kernel(
     h_desc,
     w_desc,
@@ -272,7 +284,7 @@ def _fwd_ws_kernel(
                 tl.store(e_ptr + out, e_i * scale2, mask=offs_m < n)
 
 
-@triton.jit
+@_jit_row_counts
 def _target_logit_kernel(
     h_ptr,
     w_ptr,
@@ -333,7 +345,7 @@ def _grad_tile(acc, offs_n, tgt, lse2, c, scale2):
     return tl.where(offs_n[None, :] == tgt[:, None], 0.0, g)
 
 
-@triton.jit
+@_jit_row_counts
 def _grad_logits_kernel(
     h_ptr,
     w_ptr,
@@ -387,7 +399,7 @@ def _grad_logits_kernel(
     tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@_jit_row_counts
 def _grad_logits_tma_kernel(
     h_desc,
     w_desc,
@@ -421,7 +433,7 @@ def _grad_logits_tma_kernel(
     tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@_jit_row_counts
 def _grad_logits_ws_kernel(
     h_desc,
     w_desc,
@@ -464,7 +476,7 @@ def _grad_logits_ws_kernel(
         g_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], g.to(OUT_DTYPE))  # clipped at the edges
 
 
-@triton.jit
+@_jit_row_counts
 def _finalize_dh_kernel(
     acc_ptr,
     w_ptr,

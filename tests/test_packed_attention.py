@@ -4,7 +4,8 @@ forward and backward (CPU: causal SDPA per document; CUDA bf16: FlashAttention v
 import pytest
 import torch
 
-from k15.models.attention import document_bounds, use_packed_attention
+from k15.models.attention import use_packed_attention
+from k15.trainer.packing import document_bounds
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
@@ -20,8 +21,7 @@ def small_model(device, dtype):
 
 
 def test_document_bounds():
-    pos = torch.tensor([[0, 1, 2, 0, 0, 1, 2, 3]])
-    bounds, longest = document_bounds(pos)
+    bounds, longest = document_bounds([3, 1, 4])
     assert bounds.tolist() == [0, 3, 4, 8] and bounds.dtype == torch.int32 and longest == 4
 
 
@@ -46,7 +46,8 @@ def test_packed_row_equals_documents_alone(device):
     model.zero_grad()
     ids = torch.cat(docs)[None]
     pos = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
-    bounds, longest = document_bounds(pos)
+    bounds, longest = document_bounds(lengths)
+    bounds = bounds.to(device)
     h = model.model(input_ids=ids, position_ids=pos, use_cache=False, cu_seqlens=bounds,
                     max_seqlen=longest).last_hidden_state[0]
     loss = (h.float() @ probe).sum()

@@ -108,6 +108,11 @@ def test_position_ids_restart_per_document(pad_to_budget):
         assert {t for t, p in enumerate(pos) if p == 0} == starts
         for t in range(1, len(pos)):
             assert pos[t] == 0 or pos[t] == pos[t - 1] + 1
+        # The attention's document bounds (made on the host) are where the positions restart.
+        assert b.cu_seqlens.dtype == torch.int32
+        assert b.cu_seqlens.tolist() == sorted(starts) + [b.num_tokens]
+        bounds = b.cu_seqlens.tolist()
+        assert b.max_seqlen == max(end - start for start, end in zip(bounds, bounds[1:]))
 
 
 @pytest.mark.parametrize("p_trained", [0.0, 0.5, 1.0])
@@ -294,6 +299,7 @@ def test_empty_like():
     e = empty_like(b)
     check_tensors(e)
     assert e.num_tokens == b.num_tokens == 64 and is_empty(e) and e.num_trained == 0
+    assert e.cu_seqlens.tolist() == [0, 64] and e.max_seqlen == 64
 
 
 # -- the packed forward -----------------------------------------------------------------------------

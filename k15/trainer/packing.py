@@ -2,8 +2,8 @@
 
 A micro-batch is one row of documents (prompt + response of one sample each) with no padding
 between them. Position ids restart at 0 for every document, which is how the model keeps attention
-inside each document (Hugging Face reads packed position ids as document boundaries: a dense block
-mask on CPU, a FlexAttention block mask on CUDA). Bins are filled first-fit decreasing, so micro-batch
+inside each document: the batch carries its documents' bounds (`cu_seqlens`, made here on the host)
+for the packed attention (k15/models/attention.py). Bins are filled first-fit decreasing, so micro-batch
 counts follow the token count of the batch (dynamic batch size), and every rank of a data-parallel
 trainer gets the same number of micro-batches, balanced by tokens (FSDP's collectives need equal
 step counts on every rank).
@@ -36,14 +36,17 @@ class Sample:
 
 @dataclass
 class PackedBatch:
-    """One micro-batch: every tensor is [T]. targets[t] is the token that follows t in its document
-    where the loss takes it, else IGNORE; seq_ids[t] is that target's sample, else -1."""
+    """One micro-batch: the token tensors are [T]. targets[t] is the token that follows t in its
+    document where the loss takes it, else IGNORE; seq_ids[t] is that target's sample, else -1.
+    cu_seqlens (int32) and max_seqlen bound the documents, filler included, for the attention."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     targets: torch.Tensor
     seq_ids: torch.Tensor
     num_documents: int
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
 
     @property
     def num_tokens(self) -> int:
@@ -55,7 +58,16 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-                           self.seq_ids.to(device), self.num_documents)
+                           self.seq_ids.to(device), self.num_documents, self.cu_seqlens.to(device), self.max_seqlen)
+
+
+def document_bounds(lengths: list[int]) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32 [documents + 1]: start of each document, then the row's length) and the
+    longest document, from the documents' lengths (on the host: no device synchronisation)."""
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return torch.tensor(bounds, dtype=torch.int32), max(lengths, default=0)
 
 
 def plan_bins(lengths: list[int], budget: int) -> list[list[int]]:
@@ -108,8 +120,9 @@ def _concatenate(docs: list[Sample], filler: int, pad_id: int) -> PackedBatch:
     tgt += [IGNORE] * filler
     seq += [-1] * filler
     long = dict(dtype=torch.long)
+    bounds = document_bounds([len(d.tokens) for d in docs] + [filler] * (filler > 0))
     return PackedBatch(torch.tensor(ids, **long), torch.tensor(pos, **long), torch.tensor(tgt, **long),
-                       torch.tensor(seq, **long), len(docs))
+                       torch.tensor(seq, **long), len(docs), *bounds)
 
 
 def empty_like(batch: PackedBatch) -> PackedBatch:
@@ -117,7 +130,7 @@ def empty_like(batch: PackedBatch) -> PackedBatch:
     runs so that every rank takes part in the same collectives."""
     n = batch.num_tokens
     return PackedBatch(torch.zeros(n, dtype=torch.long), torch.arange(n), torch.full((n,), IGNORE),
-                       torch.full((n,), -1), 0)
+                       torch.full((n,), -1), 0, *document_bounds([n]))
 
 
 def split_for_ranks(batches: list[PackedBatch], world_size: int, rank: int) -> list[PackedBatch]:

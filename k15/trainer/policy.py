@@ -31,11 +31,10 @@ class PackedPolicy(nn.Module):
     def forward(self, batch: PackedBatch, temperature: float) -> torch.Tensor:
         """logp[t] of batch.targets[t] given the document up to t, fp32 [T]; 0 where ignored."""
         from k15.kernels import fused_logprobs
-        from k15.models.attention import document_bounds
 
-        cu_seqlens, max_seqlen = document_bounds(batch.position_ids)
         hidden = self.hf.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
-                               use_cache=False, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).last_hidden_state[0]
+                               use_cache=False, cu_seqlens=batch.cu_seqlens,
+                               max_seqlen=batch.max_seqlen).last_hidden_state[0]
         return fused_logprobs(hidden, self.hf.lm_head.weight, batch.targets, ignore_index=IGNORE,
                               temperature=temperature if temperature > 0 else 1.0, impl=self.impl)
 
@@ -45,8 +44,11 @@ def shard(policy: PackedPolicy, mixed_precision: bool, activation_checkpointing:
     """FSDP2 on every decoder layer and on the root, one process or many (the process group is
     Ray Train's). Parameters stay fp32 and sharded (the master weights); with mixed_precision each
     layer is gathered in bf16 and gradients are reduced in fp32. compile_layers compiles each
-    layer's norms and MLP in place (parameter names unchanged), fusing their elementwise work; the
-    attention stays eager, so documents of new lengths never trigger a recompilation."""
+    decoder layer's forward in place (parameter names and FSDP's hooks unchanged): norms, rotary
+    embedding, residual adds and the MLP's activation fuse around the matrix products and the
+    FlashAttention custom op. The layers share one compiled graph; the documents' bounds are
+    dynamic, so new document lengths do not recompile it (CPU: the per-document attention is a graph
+    break)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if activation_checkpointing:  # keep each layer's input only; recompute the rest in backward
@@ -59,8 +61,7 @@ def shard(policy: PackedPolicy, mixed_precision: bool, activation_checkpointing:
         else MixedPrecisionPolicy()
     for layer in policy.hf.model.layers:
         if compile_layers:
-            for part in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
-                part.compile()
+            layer.forward = torch.compile(layer.forward)
         fully_shard(layer, mp_policy=mp)
     # The root (embedding, tied LM head, final norm) is re-gathered for every forward too, as the
     # layers are: a root left gathered between steps gave a resumed run gradients that differed
