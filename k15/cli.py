@@ -203,6 +203,9 @@ def _setup(overrides: list[str], print_config: bool):
             raise ModelNotFoundError(f"model directory {cfg.model.path} has no config.json (not a Hugging Face model)")
         load_policy_tokenizer(cfg.model)
         RewardConfig.from_dict(cfg.reward)
+        for key in ("path", "tokenizer"):  # the trainer's Ray Train workers run in a directory of their own
+            if cfg.model[key]:
+                cfg.model[key] = str(Path(cfg.model[key]).resolve())
     except (ModelNotFoundError, FileNotFoundError, OSError, ValueError, TypeError) as e:
         raise StartupError(str(e)) from None
     logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -314,7 +317,8 @@ def _check_long2short(cfg) -> None:
             raise StartupError(str(e)) from None
     elif l2s.method in ("shortest", "dpo"):
         _positive(**{"long2short.samples": l2s.samples, "long2short.steps": l2s.steps,
-                     "long2short.batch_size": l2s.batch_size, "long2short.problems": l2s.problems})
+                     "long2short.batch_size": l2s.batch_size, "long2short.problems": l2s.problems,
+                     "long2short.rounds": l2s.rounds})
         if l2s.method == "dpo" and l2s.beta <= 0:
             raise StartupError(f"config: long2short.beta must be > 0, got {l2s.beta}")
         if l2s.method == "dpo" and l2s.longer_factor < 1:

@@ -48,7 +48,8 @@ def test_recipe_switches_reach_the_loop(tmp_path):
 @pytest.mark.slow
 def test_a_relative_run_dir_gets_the_trainers_files(tmp_path, monkeypatch):
     """The trainer's Ray Train workers run in a directory of their own: a run_dir relative to where
-    `k15 train` started must still receive their checkpoint shards and the final policy."""
+    `k15 train` started must still receive their checkpoint shards and the final policy, and a
+    relative model.path must still be found by them."""
     monkeypatch.chdir(tmp_path)
     rc = main(["train", "logger=none", "run_dir=rel/run", "algo.num_iters=1", "algo.prompts_per_iter=2",
                "algo.samples_per_prompt=2", "trainer.warmup_steps=2", "data.train_size=20", "data.eval_size=4",
@@ -58,3 +59,8 @@ def test_a_relative_run_dir_gets_the_trainers_files(tmp_path, monkeypatch):
     assert (run / "checkpoints" / "iter_000001" / "shards" / ".metadata").is_file()
     assert (run / "checkpoints" / "iter_000001" / "model" / "model.safetensors").is_file()
     assert (run / "checkpoint" / "model.safetensors").is_file() and (run / "checkpoint" / "sampler.json").is_file()
+    # and a relative model.path reaches them too: training on from that policy
+    rc = main(["train", "logger=none", "run_dir=rel/run2", "model.path=rel/run/checkpoint", "algo.num_iters=1",
+               "algo.prompts_per_iter=2", "algo.samples_per_prompt=2", "trainer.warmup_steps=0", "data.train_size=20",
+               "data.eval_size=4", "rollout.max_response_tokens=16", "eval_before=false", "eval_after=false"])
+    assert rc == 0 and (tmp_path / "rel" / "run2" / "checkpoint" / "model.safetensors").is_file()
