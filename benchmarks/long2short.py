@@ -11,7 +11,7 @@ Steps (each a real `k15` process; finished steps are skipped on a rerun):
 3. short baseline: `k15 train` from the same warm-up with a short-CoT SFT (no self-checks) first,
    same RL budget;
 4. `k15 long2short method=merge|shortest|dpo|rl` from the long policy (merge averages it with the
-   short baseline);
+   short baseline; shortest also in 3 rounds);
 5. `k15 eval` of every policy on the held-out set: greedy, and 8 samples at temperature 1.
 Results: <out>/long2short.json, <out>/long2short.png, a markdown table on stdout.
 """
@@ -35,6 +35,9 @@ METHODS = {
     "merge 0.5/0.5": ("merge", ["long2short.merge_weights=[0.5,0.5]"]),
     "merge 0.25/0.75": ("merge", ["long2short.merge_weights=[0.25,0.75]"]),
     "shortest": ("shortest", SAMPLING + ["long2short.lr=1e-4"]),
+    # one round barely moves this policy (few of its samples skip the check); each round samples the
+    # last round's policy, which skips it more often
+    "shortest 3 rounds": ("shortest", SAMPLING + ["long2short.lr=1e-4", "long2short.rounds=3"]),
     "dpo": ("dpo", SAMPLING + ["long2short.lr=5e-5", "long2short.beta=0.1"]),
     # the cap must stay above a worked solution without the check (up to ~70 tokens at 6 operations)
     "rl": ("rl", ["algo.num_iters=60", "rollout.max_response_tokens=80", "algo.length_penalty.weight=0.5"]),

@@ -211,6 +211,23 @@ def test_k15_long2short_fine_tunes_on_sampled_data(long_checkpoint, tmp_path, me
 
 
 @pytest.mark.slow
+def test_shortest_in_rounds_samples_each_rounds_policy(long_checkpoint, tmp_path):
+    out = tmp_path / "rounds"
+    proc = run_k15("long2short", "method=shortest", f"model.path={long_checkpoint}", f"long2short.output={out}",
+                   "long2short.rounds=2", "long2short.eval_after=false", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "long2short.json").read_text())
+    first, second = summary["rounds"]
+    assert first["policy_sampled"] == str(long_checkpoint.resolve())
+    assert second["policy_sampled"] == str((out / "round1" / "checkpoint").resolve())
+    assert second["checkpoint"] == summary["checkpoint"] == str(out / "checkpoint")
+    for r in (1, 2):
+        rows = [json.loads(line) for line in (out / f"round{r}" / "sft.jsonl").read_text().splitlines()]
+        assert rows and len(rows) == summary["rounds"][r - 1]["sft_examples"]
+    assert (out / "round1" / "checkpoint" / "config.json").is_file() and (out / "checkpoint" / "config.json").is_file()
+
+
+@pytest.mark.slow
 def test_k15_long2short_rl_turns_the_length_penalty_on(long_checkpoint, tmp_path):
     out = tmp_path / "rl"
     proc = run_k15("long2short", "method=rl", f"model.path={long_checkpoint}", f"long2short.output={out}",

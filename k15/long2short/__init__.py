@@ -1,7 +1,8 @@
 """long2short (paper 2.4): short chain-of-thought policies from a long one, `k15 long2short method=...`.
 
     merge     average the long policy (model.path) with a short one (long2short.short_model)
-    shortest  sample each problem n times, fine-tune on the shortest correct response (SFT)
+    shortest  sample each problem n times, fine-tune on the shortest correct response (SFT);
+              long2short.rounds > 1 repeats that from each round's policy
     dpo       DPO with the shortest correct response as chosen, wrong or >= 1.5x longer ones rejected
     rl        more RL with the length penalty on and a smaller maximum response length (the `k15
               train` loop itself; its settings are conf/method/rl.yaml)
@@ -44,6 +45,26 @@ def run_method(cfg, out_dir: Path) -> dict:
 
 
 def _distill(cfg, out_dir: Path, checkpoint: Path) -> dict:
+    """shortest or dpo. shortest with long2short.rounds > 1 repeats itself: each round samples the
+    policy the last round fine-tuned (round r's data and policy in <out>/round<r>/)."""
+    import copy
+
+    l2s = cfg.long2short
+    rounds = l2s.rounds if l2s.method == "shortest" else 1
+    if rounds == 1:
+        return _distill_once(cfg, out_dir, checkpoint)
+    per_round, step_cfg = [], copy.deepcopy(cfg)
+    for r in range(1, rounds + 1):
+        where = out_dir / f"round{r}"
+        where.mkdir(parents=True, exist_ok=True)
+        policy = checkpoint if r == rounds else where / "checkpoint"
+        info = _distill_once(step_cfg, where, policy)
+        per_round.append({"round": r, "policy_sampled": step_cfg.model.path, "checkpoint": str(policy), **info})
+        step_cfg.model.path = str(policy.resolve())
+    return {**per_round[-1], "rounds": per_round}
+
+
+def _distill_once(cfg, out_dir: Path, checkpoint: Path) -> dict:
     from k15.data.dataset import load_datasets
     from k15.long2short.distill import dpo_examples, fine_tune, sample_long_policy, shortest_examples
     from k15.metrics import console
