@@ -62,8 +62,8 @@ def flops_of(batch, layer_params: int, head_params: int, hidden: int, layers: in
     """Model FLOPs of one training step on a packed micro-batch (filler documents excluded)."""
     from k15.trainer.packing import IGNORE
 
-    starts = (batch.position_ids == 0).nonzero().flatten().tolist() + [batch.num_tokens]
-    docs = [b - a for a, b in zip(starts, starts[1:])]
+    bounds = batch.cu_seqlens.tolist()
+    docs = [b - a for a, b in zip(bounds, bounds[1:])]
     filler = 0 if batch.num_documents == len(docs) else docs[-1]  # pad_to_budget appends one
     tokens = batch.num_tokens - filler
     trained = int((batch.targets != IGNORE).sum())

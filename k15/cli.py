@@ -203,9 +203,6 @@ def _setup(overrides: list[str], print_config: bool):
             raise ModelNotFoundError(f"model directory {cfg.model.path} has no config.json (not a Hugging Face model)")
         load_policy_tokenizer(cfg.model)
         RewardConfig.from_dict(cfg.reward)
-        for key in ("path", "tokenizer"):  # the trainer's Ray Train workers run in a directory of their own
-            if cfg.model[key]:
-                cfg.model[key] = str(Path(cfg.model[key]).resolve())
     except (ModelNotFoundError, FileNotFoundError, OSError, ValueError, TypeError) as e:
         raise StartupError(str(e)) from None
     logging.getLogger("math_verify").setLevel(logging.ERROR)

@@ -115,6 +115,19 @@ class _Method:
         return self.group.mailbox.call.remote(self.name, [ray.put((args, kwargs))])
 
 
+def _absolute_paths(model_cfg):
+    """A copy of model_cfg whose model and tokenizer paths do not depend on the working directory:
+    Ray Train's workers run in a directory of their own."""
+    import copy
+    from pathlib import Path
+
+    model_cfg = copy.deepcopy(model_cfg)
+    for key in ("path", "tokenizer"):
+        if model_cfg[key]:
+            model_cfg[key] = str(Path(model_cfg[key]).resolve())
+    return model_cfg
+
+
 class TrainerGroup:
     """`num_workers` TrainerWorker ranks under Ray Train, called like an actor:
     `ray.get(group.save.remote(path))`."""
@@ -129,6 +142,7 @@ class TrainerGroup:
             raise ValueError(f"trainer.device={device} needs a GPU in cluster.trainer_resources, got {dict(resources)}")
         self.mailbox = Mailbox.remote(num_workers)
         self.device = "cuda" if on_gpu else "cpu"
+        model_cfg = _absolute_paths(model_cfg)
         trainer = TorchTrainer(
             serve_worker,
             train_loop_config={"mailbox": self.mailbox, "args": (model_cfg, trainer_cfg, algo_cfg, temperature, seed),
