@@ -1,6 +1,7 @@
 """Trainer throughput on one GPU: tokens/s, model FLOPs utilisation (MFU) and peak memory of the
-trainer's own hot path (k15/trainer/worker.py: packed micro-batches through the FSDP2-wrapped
-policy, the fused log-prob kernels, AdamW on fp32 master weights), for
+trainer's own hot path (k15/trainer/worker.py, `_policy_step` and `_step` as train_iteration runs
+them: packed micro-batches through the FSDP2-wrapped policy and the fused log-prob kernels, the
+mirror-descent loss, backward, AdamW on fp32 master weights), for
 
   packed:        long-tail samples (p99/median >= 8, median 1k, up to 32k) packed into micro-batches
                  of 32k tokens (bf16 compute, compiled decoder layers, no activation
@@ -60,13 +61,11 @@ def long_tail_lengths(n: int, median: int, cap: int, seed: int = 0) -> list[int]
 
 def flops_of(batch, layer_params: int, head_params: int, hidden: int, layers: int) -> float:
     """Model FLOPs of one training step on a packed micro-batch (filler documents excluded)."""
-    from k15.trainer.packing import IGNORE
-
     bounds = batch.cu_seqlens.tolist()
     docs = [b - a for a, b in zip(bounds, bounds[1:])]
     filler = 0 if batch.num_documents == len(docs) else docs[-1]  # pad_to_budget appends one
     tokens = batch.num_tokens - filler
-    trained = int((batch.targets != IGNORE).sum())
+    trained = batch.num_trained
     attention = sum(6 * s * s * hidden * layers for s in (docs[:-1] if filler else docs))
     return 6 * layer_params * tokens + 6 * head_params * trained + attention, tokens
 
@@ -160,6 +159,12 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
     profiled = warmup + steps + accumulate - 1 if profile else -1
     need = warmup + steps + (accumulate if profile else 0)
     micros = (micros * math.ceil(need / len(micros)))[:need]
+    # counted here: reading the bounds back inside the window would synchronise every micro-batch
+    costs = [flops_of(m, layer_params, head_params, hidden, layers) for m in micros]
+    k = worker.algo.samples_per_prompt
+    rewards = torch.randint(0, 2, (math.ceil(len(samples) / k) * k,), device="cuda").float()
+    with torch.no_grad():  # pi_theta_i's log-probs, computed before the steps as train_iteration does
+        old = {id(m): worker._logprobs(m) for m in micros}
     opt = worker._optimizer(1e-5)
     worker.policy.train()
     base = torch.cuda.memory_allocated()
@@ -183,26 +188,21 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
         if phases:
             torch.cuda.synchronize()
             p0 = time.perf_counter()
-        logp = worker._logprobs(micro)
-        loss = -logp.sum() / max(micro.num_trained, 1)
+        worker._policy_step(micro, old[id(micro)], rewards)  # forward, mirror-descent loss, backward
         if phases:
             torch.cuda.synchronize()
             p1 = time.perf_counter()
-        worker._backward(loss, logp)
-        if phases:
-            torch.cuda.synchronize()
-            p2 = time.perf_counter()
         if (i + 1) % accumulate == 0:
             worker._step(opt)
         if phases and timed:
             torch.cuda.synchronize()
-            phase_times.append((p1 - p0, p2 - p1, time.perf_counter() - p2))
+            phase_times.append((p1 - p0, time.perf_counter() - p1))
         if profiler:
             torch.cuda.synchronize()
             profiler.__exit__(None, None, None)
             kernels = kernel_table(profiler, 1e3 * (time.perf_counter() - t0))
         if timed:
-            f, t = flops_of(micro, layer_params, head_params, hidden, layers)
+            f, t = costs[i]
             flops, tokens = flops + f, tokens + t
         if i == warmup + steps - 1:
             marks.append(torch.cuda.Event(enable_timing=True))
@@ -215,8 +215,8 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
               "compiled_graphs": compiled_graphs(),
               "profile_ms_by_kernel_group": dict(kernels) if kernels else None,
               "seconds_per_step": seconds / steps, "median_step_seconds": times[len(times) // 2],
-              "forward_backward_optimizer_seconds": [sum(p[j] for p in phase_times) / len(phase_times)
-                                                     for j in range(3)] if phases else None,
+              "policy_step_optimizer_seconds": [sum(p[j] for p in phase_times) / len(phase_times)
+                                                for j in range(2)] if phases else None,
               "tokens_per_s": tokens / seconds,
               "mfu": flops / seconds / PEAK_BF16, "padding_waste": 1 - tokens / (steps * micro_tokens),
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -242,7 +242,8 @@ def main() -> None:
     ap.add_argument("--cases", default="packed_eager,packed,packed_short,long")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation, recompilation)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of the first timed step")
-    ap.add_argument("--phases", action="store_true", help="time forward, backward and optimizer apart")
+    ap.add_argument("--phases", action="store_true",
+                    help="time the policy step (forward, loss, backward) and the optimizer apart")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_trainer.py needs a CUDA GPU")

@@ -13,7 +13,10 @@ Public API (importing this package does not import Triton; the kernels load on f
         same pass. Called with autograd off (torch.no_grad(), or inputs that need no grad) it runs
         the forward kernel only and saves nothing: use that for old/reference-policy log-probs.
         The same function must compute old and new log-probs so that Delta_j is 0 at the first
-        step of an iteration.
+        step of an iteration. valid_rows (optional, int64 on the inputs' device): the positions
+        whose target is not ignored, in increasing order, when the caller made them on its host
+        (a packed batch does); the kernels then take them as they are and skip their one
+        synchronisation with the host (the caller checks that targets are in the vocabulary).
 
     fused_mirror_descent_loss(hidden, weight, targets, old_logp, seq_ids, rewards, group_size,
                               tau, *, temperature=1.0, return_aux=False, impl="auto")
@@ -35,8 +38,8 @@ tests) and the reference otherwise; "triton" and "reference" force one.
 Costs on CUDA (H100, Qwen2.5-7B head, bf16; benchmarks/RESULTS.md): forward one GEMM
 of work (about 1.1x cuBLAS's time) and a few floats per token of memory; forward+backward four GEMMs
 of work (about 1.5x three cuBLAS GEMMs at 128k tokens) and about 0.5 GiB of scratch beyond the
-gradients themselves. Each call synchronises with the host once (validity of the targets); the
-backward does not synchronise. `config=k15.kernels.logprobs.Config(...)` overrides
+gradients themselves. Each call synchronises with the host once (validity of the targets) unless
+given valid_rows; the backward does not synchronise. `config=k15.kernels.logprobs.Config(...)` overrides
 tiles and chunking (chunk_rows, scratch_bytes) when memory is tighter or looser.
 """
 
@@ -77,11 +80,13 @@ def fused_logprobs(
     return_entropy: bool = False,
     impl: str = "auto",
     config=None,
+    valid_rows=None,
 ):
     if use_triton(hidden, impl):
         from .logprobs import fused_logprobs_triton
 
-        return fused_logprobs_triton(hidden, weight, targets, temperature, ignore_index, return_entropy, config)
+        return fused_logprobs_triton(hidden, weight, targets, temperature, ignore_index, return_entropy, config,
+                                     valid_rows)
     return reference_logprobs(hidden, weight, targets, temperature, ignore_index, return_entropy)
 
 

@@ -746,8 +746,16 @@ def _contig_rows(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _valid_rows(targets: torch.Tensor, ignore_index: int, V: int):
-    """(rows or None, compact targets int32). rows is None when every position is valid."""
+def _valid_rows(targets: torch.Tensor, ignore_index: int, V: int, known: torch.Tensor | None = None):
+    """(rows or None, compact targets int32). rows is None when every position is valid. `known`:
+    the caller's valid rows (made on its host), taken as they are: no synchronisation."""
+    if known is not None:
+        if known.device != targets.device or known.dim() != 1:
+            raise ValueError(f"valid_rows must be a 1-D index tensor on {targets.device}, got "
+                             f"{tuple(known.shape)} on {known.device}")
+        if known.numel() == targets.numel():
+            return None, targets.to(torch.int32)
+        return known, targets[known].to(torch.int32)
     ign = ignored_mask(targets, ignore_index)
     any_ignored, out_of_range = torch.stack([ign.any(), (targets >= V).any()]).tolist()  # one sync
     if out_of_range:
@@ -890,13 +898,14 @@ def logprobs_forward(
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     config: Config | None = None,
+    valid_rows: torch.Tensor | None = None,
 ):
     """Forward only (no autograd, nothing saved): logp [N] fp32 (and entropy [N] fp32)."""
     _check_inputs(hidden, weight, targets)
     _check_temperature(temperature)
     cfg = config or _default_config(hidden.device, hidden.dtype)
     hidden, weight = _contig_rows(hidden), _contig_rows(weight)
-    rows, tgt_c = _valid_rows(targets, ignore_index, weight.shape[0])
+    rows, tgt_c = _valid_rows(targets, ignore_index, weight.shape[0], valid_rows)
     lse2, t2, e2 = _forward(hidden, weight, tgt_c, rows, temperature, return_entropy, cfg)
     logp = _scatter((t2 - lse2) * LN2, rows, targets.numel())
     if not return_entropy:
@@ -1087,12 +1096,12 @@ def _dw_add_target(dw, hidden, tgt_c, rows, coef_t):
 
 class FusedLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, return_entropy, config):
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, return_entropy, config, valid_rows):
         _check_inputs(hidden, weight, targets)
         _check_temperature(temperature)
         cfg = config or _default_config(hidden.device, hidden.dtype)
         hidden, weight = _contig_rows(hidden), _contig_rows(weight)
-        rows, tgt_c = _valid_rows(targets, ignore_index, weight.shape[0])
+        rows, tgt_c = _valid_rows(targets, ignore_index, weight.shape[0], valid_rows)
         lse2, t2, e2 = _forward(hidden, weight, tgt_c, rows, temperature, return_entropy, cfg)
         N = targets.numel()
         logp = _scatter((t2 - lse2) * LN2, rows, N)
@@ -1110,12 +1119,12 @@ class FusedLogprobsFunction(torch.autograd.Function):
         hidden, weight, tgt_c, rows, lse2, t2 = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_logp is None or not (need_dh or need_dw):
-            return (None,) * 7
+            return (None,) * 8
         g = grad_logp if rows is None else grad_logp[rows]
         dh, dw = _backward(
             hidden, weight, tgt_c, rows, lse2, t2, g.contiguous(), ctx.temperature, need_dh, need_dw, ctx.cfg
         )
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def fused_logprobs_triton(
@@ -1126,7 +1135,10 @@ def fused_logprobs_triton(
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     config: Config | None = None,
+    valid_rows: torch.Tensor | None = None,
 ):
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
-        return logprobs_forward(hidden, weight, targets, temperature, ignore_index, return_entropy, config)
-    return FusedLogprobsFunction.apply(hidden, weight, targets, temperature, ignore_index, return_entropy, config)
+        return logprobs_forward(hidden, weight, targets, temperature, ignore_index, return_entropy, config,
+                                valid_rows)
+    return FusedLogprobsFunction.apply(hidden, weight, targets, temperature, ignore_index, return_entropy, config,
+                                       valid_rows)

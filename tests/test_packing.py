@@ -141,6 +141,7 @@ def test_targets_and_seq_ids(p_trained, pad_to_budget):
                 assert t + 1 < b.num_tokens and tgt[t] == ids[t + 1]
                 assert b.position_ids[t + 1] == b.position_ids[t] + 1
         assert b.num_trained == sum(x >= 0 for x in seq)
+        assert b.trained_rows.tolist() == [t for t in range(b.num_tokens) if tgt[t] != IGNORE]
         total_trained += b.num_trained
     assert total_trained == sum(sum(s.trained) for s in samples)
 
@@ -299,7 +300,7 @@ def test_empty_like():
     e = empty_like(b)
     check_tensors(e)
     assert e.num_tokens == b.num_tokens == 64 and is_empty(e) and e.num_trained == 0
-    assert e.cu_seqlens.tolist() == [0, 64] and e.max_seqlen == 64
+    assert e.cu_seqlens.tolist() == [0, 64] and e.max_seqlen == 64 and e.trained_rows.numel() == 0
 
 
 # -- the packed forward -----------------------------------------------------------------------------

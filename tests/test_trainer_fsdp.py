@@ -98,7 +98,21 @@ def job_load(rank, world, device, micro_batch_tokens, out_dir):
     return {"weights": full_tensors(worker.model.named_parameters()), "version": version}
 
 
-JOBS = {"gradients": job_gradients, "save": job_save, "load": job_load}
+def job_bad_token(rank, world, device, micro_batch_tokens, out_dir):
+    """A response token outside the vocabulary (untrusted rollout data): the error names the sample."""
+    worker = make_worker(device, micro_batch_tokens)
+    table = batch_table()
+    responses = table.column("response_tokens").to_pylist()
+    responses[5][-1] = 10**6
+    table = table.set_column(table.schema.get_field_index("response_tokens"), "response_tokens", pa.array(responses))
+    try:
+        worker.train_iteration(table)
+    except ValueError as e:
+        return {"error": str(e), "version": worker.version}
+    return {"error": None, "version": worker.version}
+
+
+JOBS = {"gradients": job_gradients, "save": job_save, "load": job_load, "bad_token": job_bad_token}
 
 
 def _rank_main(rank, world, port, device, job, micro_batch_tokens, out_dir, results):
@@ -189,3 +203,9 @@ def test_a_checkpoint_saved_on_two_ranks_resumes_on_one(device, tmp_path):
     assert loaded["weights"].keys() == saved["weights"].keys()
     for name, t in saved["weights"].items():
         assert torch.equal(loaded["weights"][name], t), name
+
+
+def test_a_token_outside_the_vocabulary_is_named_before_any_step(tmp_path):
+    result = run_ranks(1, "cpu", "bad_token", tmp_path)
+    assert result["error"] is not None and "sample 5" in result["error"] and "1000000" in result["error"]
+    assert result["version"] == 0

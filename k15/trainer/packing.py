@@ -38,7 +38,9 @@ class Sample:
 class PackedBatch:
     """One micro-batch: the token tensors are [T]. targets[t] is the token that follows t in its
     document where the loss takes it, else IGNORE; seq_ids[t] is that target's sample, else -1.
-    cu_seqlens (int32) and max_seqlen bound the documents, filler included, for the attention."""
+    cu_seqlens (int32) and max_seqlen bound the documents, filler included, for the attention;
+    trained_rows (int64) lists the positions whose target the loss takes. Both are made on the
+    host, so that a forward needs no device-to-host synchronisation."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -47,6 +49,7 @@ class PackedBatch:
     num_documents: int
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    trained_rows: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -54,11 +57,12 @@ class PackedBatch:
 
     @property
     def num_trained(self) -> int:
-        return int((self.seq_ids >= 0).sum())
+        return self.trained_rows.numel()
 
     def to(self, device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-                           self.seq_ids.to(device), self.num_documents, self.cu_seqlens.to(device), self.max_seqlen)
+                           self.seq_ids.to(device), self.num_documents, self.cu_seqlens.to(device), self.max_seqlen,
+                           self.trained_rows.to(device))
 
 
 def document_bounds(lengths: list[int]) -> tuple[torch.Tensor, int]:
@@ -121,8 +125,9 @@ def _concatenate(docs: list[Sample], filler: int, pad_id: int) -> PackedBatch:
     seq += [-1] * filler
     long = dict(dtype=torch.long)
     bounds = document_bounds([len(d.tokens) for d in docs] + [filler] * (filler > 0))
+    seq_ids = torch.tensor(seq, **long)
     return PackedBatch(torch.tensor(ids, **long), torch.tensor(pos, **long), torch.tensor(tgt, **long),
-                       torch.tensor(seq, **long), len(docs), *bounds)
+                       seq_ids, len(docs), *bounds, (seq_ids >= 0).nonzero().squeeze(1))
 
 
 def empty_like(batch: PackedBatch) -> PackedBatch:
@@ -130,7 +135,7 @@ def empty_like(batch: PackedBatch) -> PackedBatch:
     runs so that every rank takes part in the same collectives."""
     n = batch.num_tokens
     return PackedBatch(torch.zeros(n, dtype=torch.long), torch.arange(n), torch.full((n,), IGNORE),
-                       torch.full((n,), -1), 0, *document_bounds([n]))
+                       torch.full((n,), -1), 0, *document_bounds([n]), torch.zeros(0, dtype=torch.long))
 
 
 def split_for_ranks(batches: list[PackedBatch], world_size: int, rank: int) -> list[PackedBatch]:

@@ -36,7 +36,8 @@ class PackedPolicy(nn.Module):
                                use_cache=False, cu_seqlens=batch.cu_seqlens,
                                max_seqlen=batch.max_seqlen).last_hidden_state[0]
         return fused_logprobs(hidden, self.hf.lm_head.weight, batch.targets, ignore_index=IGNORE,
-                              temperature=temperature if temperature > 0 else 1.0, impl=self.impl)
+                              temperature=temperature if temperature > 0 else 1.0, impl=self.impl,
+                              valid_rows=batch.trained_rows)
 
 
 def shard(policy: PackedPolicy, mixed_precision: bool, activation_checkpointing: bool,

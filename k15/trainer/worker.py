@@ -60,6 +60,7 @@ class TrainerWorker:
         self.device = torch.device(device)
         self.tokenizer = load_policy_tokenizer(model_cfg)
         hf = load_policy(model_cfg, self.tokenizer, seed)
+        self.vocab_size = hf.get_input_embeddings().num_embeddings
         self.policy = shard(PackedPolicy(hf.to(self.device), trainer_cfg.logprob_impl),
                             trainer_cfg.mixed_precision, trainer_cfg.activation_checkpointing, trainer_cfg.compile)
         self.model = self.policy.hf  # the Hugging Face model: its parameter names are the engines'
@@ -76,6 +77,11 @@ class TrainerWorker:
     def _micro_batches(self, samples: list[Sample]) -> list[PackedBatch]:
         """This rank's micro-batches of `samples`: packed into trainer.micro_batch_tokens (padded
         to exactly that on CUDA, one shape for the compiled attention), shared out by tokens."""
+        for s in samples:  # here, on the host, rather than as a device-side assert in the embedding
+            if s.tokens and not 0 <= min(s.tokens) <= max(s.tokens) < self.vocab_size:
+                bad = next(t for t in s.tokens if not 0 <= t < self.vocab_size)
+                raise ValueError(f"sample {s.seq_id}: token id {bad} is outside the policy's vocabulary "
+                                 f"(0..{self.vocab_size - 1})")
         packed = pack(samples, self.cfg.micro_batch_tokens, self.pad_id, pad_to_budget=self.device.type == "cuda")
         return [b.to(self.device) for b in split_for_ranks(packed, self.world, self.rank)]
 
@@ -90,12 +96,23 @@ class TrainerWorker:
     def _collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def _step(self, opt) -> float:
-        """Clip (the norm over every shard) and apply the accumulated gradient."""
+    def _step(self, opt) -> torch.Tensor:
+        """Clip (the norm over every shard) and apply the accumulated gradient. Returns the norm as a
+        tensor: reading it here would make the host wait for the GPU at every step."""
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
+
+    def _policy_step(self, micro: PackedBatch, old_logp: torch.Tensor, rewards: torch.Tensor):
+        """Forward, policy loss and backward of one micro-batch (gradients add up over calls);
+        returns the loss's LossStats. rewards: the whole minibatch's, indexed by seq_id."""
+        logp = self._logprobs(micro)
+        rows = micro.trained_rows  # made on the host: selecting by it needs no synchronisation
+        loss, stats = self.loss_fn(logp[rows], old_logp[rows], micro.seq_ids[rows], rewards,
+                                   self.algo.samples_per_prompt)
+        self._backward(loss, logp)
+        return stats
 
     def _backward(self, loss: torch.Tensor, logp: torch.Tensor) -> None:
         """FSDP averages gradients over ranks; each rank's loss is its share of a sum, so scale back.
@@ -204,15 +221,15 @@ class TrainerWorker:
         for _ in tqdm(range(steps), desc="SFT", mininterval=2.0, leave=False, disable=self.rank != 0):
             batch = [examples[self.rng.randrange(len(examples))] for _ in range(batch_size)]
             tokens = sum(len(r) for _, r in batch)  # the same on every rank: one shared rng
-            total = 0.0
+            total = 0.0  # a tensor after the first micro-batch: read once per step, not per micro-batch
             for micro in self._micro_batches([response_sample(p, r, i) for i, (p, r) in enumerate(batch)]):
                 logp = self._logprobs(micro)
                 loss = -logp.sum() / tokens
                 self._backward(loss, logp)
-                total += loss.item()
+                total = total + loss.detach()
             self._step(opt)
             sched.step()
-            losses.append(self._all_sum([total])[0])
+            losses.append(self._all_sum([float(total)])[0])
         torch.set_num_threads(self.cfg.num_threads)
         return {"loss": float(np.mean(losses[-20:])), "seconds": time.perf_counter() - start}
 
@@ -267,11 +284,10 @@ class TrainerWorker:
         the minibatch's exactly: the losses are sums over sequences, each sequence lies whole in one
         micro-batch, and the group baselines come from the minibatch's rewards."""
         start = time.perf_counter()
-        k = self.algo.samples_per_prompt
         rows = table.select(["prompt_tokens", "response_tokens", "versions", "reward"]).to_pydict()
         rewards = torch.tensor(rows["reward"] if rewards is None else rewards, dtype=torch.float32)
         minibatches = []
-        for s in self._minibatches(len(rewards), k):
+        for s in self._minibatches(len(rewards), self.algo.samples_per_prompt):
             samples = [response_sample(rows["prompt_tokens"][j], rows["response_tokens"][j], j - s.start,
                                        self._trained_tokens(rows["versions"][j]))
                        for j in range(s.start, s.stop)]
@@ -282,26 +298,24 @@ class TrainerWorker:
             old = [[self._logprobs(m) for m in micros] for micros, _ in minibatches]
         self.policy.train()
         opt = self._optimizer(self.cfg.lr, self.cfg.weight_decay)  # optimizer state reset every iteration
-        stats = []
+        sums, norms = [], []  # per optimizer step; summed over ranks once, after the last step
         for _ in range(self.cfg.updates_per_iter):
             for (micros, mb_rewards), mb_old in zip(minibatches, old):
                 loss_sum = log_ratio_sum = 0.0
                 for micro, old_logp in zip(micros, mb_old):
-                    logp = self._logprobs(micro)
-                    keep = micro.seq_ids >= 0
-                    loss, st = self.loss_fn(logp[keep], old_logp[keep], micro.seq_ids[keep], mb_rewards, k)
-                    self._backward(loss, logp)
+                    st = self._policy_step(micro, old_logp, mb_rewards)
                     loss_sum, log_ratio_sum = loss_sum + st.loss, log_ratio_sum + st.mean_log_ratio
-                grad_norm = self._step(opt)
-                stats.append(self._all_sum([loss_sum, log_ratio_sum]) + [grad_norm])
+                norms.append(self._step(opt))
+                sums.append((loss_sum, log_ratio_sum))
         self.version += 1
         trained = sum(m.num_trained for micros, _ in minibatches for m in micros)
+        totals = self._all_sum([x for pair in sums for x in pair] + [trained])
         versions = [v for vs in rows["versions"] for v in vs if v >= 0]  # policy tokens only
         return {
-            "loss": float(np.mean([s[0] for s in stats])),
-            "log_ratio": float(np.mean([s[1] for s in stats])),
-            "grad_norm": float(np.mean([s[2] for s in stats])),
-            "trained_tokens": int(self._all_sum([trained])[0]),
+            "loss": float(np.mean(totals[:-1:2])),
+            "log_ratio": float(np.mean(totals[1:-1:2])),
+            "grad_norm": float(torch.stack(norms).mean()),
+            "trained_tokens": int(totals[-1]),
             "staleness": float(self.version - 1 - np.mean(versions)) if versions else 0.0,
             "max_staleness": int(self.version - 1 - min(versions)) if versions else 0,
             "train_seconds": time.perf_counter() - start,
