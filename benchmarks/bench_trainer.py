@@ -241,7 +241,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--cases", default="packed_eager,packed,packed_short,long")
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation, recompilation)")
-    ap.add_argument("--profile", action="store_true", help="print the top kernels of the first timed step")
+    ap.add_argument("--profile", action="store_true", help="after the timed window, profile one more optimizer step's last micro-batch: "
+                    "time by kernel group, top kernels, GPU idle gaps")
     ap.add_argument("--phases", action="store_true",
                     help="time the policy step (forward, loss, backward) and the optimizer apart")
     args = ap.parse_args()
