@@ -12,6 +12,11 @@ mirror-descent loss, backward, AdamW on fp32 master weights), for
     python benchmarks/bench_trainer.py --out /tmp/trainer     # on a GPU; prints a table, writes trainer.json
     python benchmarks/bench_trainer.py --cases packed_short:4 --profile   # 4 micro-batches per optimizer
                                                               # step; where one micro-batch's time goes
+    python benchmarks/bench_trainer.py --cases packed_short:4@cudnn,packed_short:4@flash  # attention kernels
+    python benchmarks/bench_trainer.py --steps 16 --warmup 16 --unsharded-grads --cases packed_short:4,packed:4
+                                           # as cluster=gpu trains (trainer.unsharded_grad_accumulation)
+
+The attention kernel (trainer.attention, k15/models/attention.py) is --attention, or a case's @suffix.
 
 MFU counts model FLOPs only (recomputation by activation checkpointing is not credited):
 6 x (decoder matmul parameters) per token, 6 x (LM head) per trained token, and causal attention
@@ -25,6 +30,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -43,13 +49,14 @@ def model_cfg(max_position: int):
                            {"max_position": max_position})
 
 
-def make_worker(micro_tokens: int, checkpointing: bool, compile_layers: bool):
+def make_worker(micro_tokens: int, checkpointing: bool, compile_layers: bool, attention: str, unsharded: bool):
     from k15.config import AlgoConfig, TrainerConfig
     from k15.trainer.worker import TrainerWorker
 
     trainer = OmegaConf.structured(TrainerConfig(micro_batch_tokens=micro_tokens, mixed_precision=True,
                                                  activation_checkpointing=checkpointing, compile=compile_layers,
-                                                 logprob_impl="fused", lr=1e-5))
+                                                 logprob_impl="fused", lr=1e-5, attention=attention,
+                                                 unsharded_grad_accumulation=unsharded))
     return TrainerWorker(model_cfg(max(micro_tokens, 4096)), trainer, OmegaConf.structured(AlgoConfig),
                          temperature=1.0, seed=0, device="cuda")
 
@@ -71,7 +78,7 @@ def flops_of(batch, layer_params: int, head_params: int, hidden: int, layers: in
 
 
 KERNEL_GROUPS = [  # (group, substrings of CUDA kernel names), first match wins
-    ("FlashAttention", ("flash",)),
+    ("attention", ("flash", "cudnn", "fmha", "sdpa")),
     ("LM head (k15 Triton)", ("_fwd_ws_kernel", "_fwd_kernel", "_grad_logits", "_target_logit", "_lse_", "_dhidden",
                               "_dweight", "_combine", "_finalize")),
     ("GEMM (cuBLAS)", ("gemm", "nvjet", "sm90_xmma", "cutlass", "Kernel2", "splitKreduce")),
@@ -109,7 +116,7 @@ def kernel_table(profiler, wall_ms: float) -> list[tuple[str, float]]:
     for ms, n, _, key in sorted(kernels, reverse=True)[:20]:
         print(f"  {ms:>8.2f} {n:>5}  {key}")
     print("top kernels outside GEMM, attention and the head:")
-    for ms, n, _, key in sorted(k for k in kernels if k[2] not in ("GEMM (cuBLAS)", "FlashAttention",
+    for ms, n, _, key in sorted(k for k in kernels if k[2] not in ("GEMM (cuBLAS)", "attention",
                                                                    "LM head (k15 Triton)"))[::-1][:20]:
         print(f"  {ms:>8.2f} {n:>5}  {key}")
     idle_gaps(profiler)
@@ -133,14 +140,15 @@ def idle_gaps(profiler, top: int = 12) -> None:
 
 
 def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmup: int, checkpointing: bool,
-             compile_layers: bool, accumulate: int = 1, profile: bool = False, phases: bool = False) -> dict:
+             compile_layers: bool, attention: str, unsharded: bool = False, accumulate: int = 1,
+             profile: bool = False, phases: bool = False) -> dict:
     from tqdm import tqdm
 
     from k15.trainer.packing import Sample
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    worker = make_worker(micro_tokens, checkpointing, compile_layers)
+    worker = make_worker(micro_tokens, checkpointing, compile_layers, attention, unsharded)
     hf = worker.model
     hidden, layers = hf.config.hidden_size, hf.config.num_hidden_layers
     head_params = hf.lm_head.weight.numel()
@@ -157,8 +165,11 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
     warmup = math.ceil(warmup / accumulate) * accumulate  # whole optimizer steps
     # profiled (untimed): the last micro-batch of one more accumulation, so it includes an optimizer step
     profiled = warmup + steps + accumulate - 1 if profile else -1
-    need = warmup + steps + (accumulate if profile else 0)
-    micros = (micros * math.ceil(need / len(micros)))[:need]
+    n_timed = steps + (accumulate if profile else 0)
+    micros = (micros * math.ceil(n_timed / len(micros)))[:n_timed]
+    # the warm-up cycles through the timed micro-batches: one-off work per shape (compilation,
+    # cuDNN's plans) is done before the window, as it is after a run's first minutes
+    micros = [micros[i % len(micros)] for i in range(warmup)] + micros
     # counted here: reading the bounds back inside the window would synchronise every micro-batch
     costs = [flops_of(m, layer_params, head_params, hidden, layers) for m in micros]
     k = worker.algo.samples_per_prompt
@@ -176,6 +187,7 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
         timed = warmup <= i < warmup + steps
         if i == warmup:
             torch.cuda.synchronize()
+            plans_before = cudnn_plans()
             window_start = time.perf_counter()
         if timed:
             marks.append(torch.cuda.Event(enable_timing=True))
@@ -188,11 +200,12 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
         if phases:
             torch.cuda.synchronize()
             p0 = time.perf_counter()
-        worker._policy_step(micro, old[id(micro)], rewards)  # forward, mirror-descent loss, backward
+        last = (i + 1) % accumulate == 0
+        worker._policy_step(micro, old[id(micro)], rewards, last)  # forward, mirror-descent loss, backward
         if phases:
             torch.cuda.synchronize()
             p1 = time.perf_counter()
-        if (i + 1) % accumulate == 0:
+        if last:
             worker._step(opt)
         if phases and timed:
             torch.cuda.synchronize()
@@ -212,6 +225,8 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
     times = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:]))
     result = {"case": name, "micro_batch_tokens": micro_tokens, "steps": steps, "micro_batches_per_optimizer_step":
               accumulate, "activation_checkpointing": checkpointing, "compile": compile_layers,
+              "attention": worker.policy.attention, "unsharded_grad_accumulation": unsharded,
+              "cudnn_plans_before_after_window": [plans_before, cudnn_plans()],
               "compiled_graphs": compiled_graphs(),
               "profile_ms_by_kernel_group": dict(kernels) if kernels else None,
               "seconds_per_step": seconds / steps, "median_step_seconds": times[len(times) // 2],
@@ -224,6 +239,12 @@ def run_case(name: str, micro_tokens: int, lengths: list[int], steps: int, warmu
               "state_memory_gib": base / 2**30}
     del worker, opt
     return result
+
+
+def cudnn_plans() -> int:
+    """Execution plans cuDNN's attention has built so far in this process (0.1-0.2 s each)."""
+    ops = sys.modules.get("cudnn.sdpa.fwd.torch_op")
+    return len(ops._graph_cache) if ops else 0
 
 
 def compiled_graphs() -> int:
@@ -240,7 +261,9 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=131072)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--cases", default="packed_eager,packed,packed_short,long")
-    ap.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation, recompilation)")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed micro-batches first, cycling through the timed ones (compilation, cuDNN's plans)")
+    ap.add_argument("--attention", default="auto", help="trainer.attention: auto | cudnn | flash")
+    ap.add_argument("--unsharded-grads", action="store_true", help="trainer.unsharded_grad_accumulation")
     ap.add_argument("--profile", action="store_true", help="after the timed window, profile one more optimizer step's last micro-batch: "
                     "time by kernel group, top kernels, GPU idle gaps")
     ap.add_argument("--phases", action="store_true",
@@ -267,6 +290,7 @@ def main() -> None:
     }
     results = []
     for spec in args.cases.split(","):
+        spec, _, attention = spec.partition("@")  # "packed:4@flash": FlashAttention-2
         name, _, acc = spec.partition(":")  # "packed:4": 4 micro-batches per optimizer step
         accumulate = int(acc or 1)
         c = cases[name]
@@ -274,19 +298,20 @@ def main() -> None:
         steps = math.ceil(steps / accumulate) * accumulate
         try:
             results.append(run_case(name, steps=steps, warmup=args.warmup, profile=args.profile, phases=args.phases,
-                                    accumulate=accumulate, **c))
+                                    accumulate=accumulate, attention=attention or args.attention,
+                                    unsharded=args.unsharded_grads, **c))
         except torch.OutOfMemoryError as e:
             results.append({"case": name, "error": f"out of memory: {str(e)[:200]}"})
         print(json.dumps(results[-1]), flush=True)
     gpu = torch.cuda.get_device_name()
     print(f"\n{gpu}, Qwen2-0.5B shape (494M parameters), bf16 compute / fp32 master weights, FSDP2 on 1 GPU")
-    print(f"{'case':<18}{'micro/opt':>10}{'tokens/micro':>13}{'s/micro':>9}{'tokens/s':>11}{'MFU':>7}"
+    print(f"{'case':<18}{'attention':>10}{'micro/opt':>10}{'tokens/micro':>13}{'s/micro':>9}{'tokens/s':>11}{'MFU':>7}"
           f"{'peak GiB':>10}{'waste':>7}{'graphs':>8}")
     for r in results:
         if "error" in r:
             print(f"{r['case']:<18}{r['error']}")
             continue
-        print(f"{r['case']:<18}{r['micro_batches_per_optimizer_step']:>10}{r['micro_batch_tokens']:>13}"
+        print(f"{r['case']:<18}{r['attention']:>10}{r['micro_batches_per_optimizer_step']:>10}{r['micro_batch_tokens']:>13}"
               f"{r['seconds_per_step']:>9.3f}{r['tokens_per_s']:>11.0f}{r['mfu']:>7.1%}{r['peak_memory_gib']:>10.1f}"
               f"{r['padding_waste']:>7.1%}{r['compiled_graphs']:>8}")
     out = Path(args.out)

@@ -100,11 +100,18 @@ class TrainerConfig:
     updates_per_iter: int = 1
     minibatches_per_iter: int = 2
     logprob_impl: str = "torch"  # torch | fused (k15.kernels)
+    # CUDA attention kernel on packed documents (k15/models/attention.py): cudnn (needs
+    # nvidia-cudnn-frontend) | flash (FlashAttention-2, in PyTorch) | auto (cudnn where installed)
+    attention: str = "auto"
     # Packed micro-batches (k15/trainer/packing.py): samples whole, up to this many tokens each;
     # gradients accumulate over a minibatch's micro-batches, however many its tokens make.
     micro_batch_tokens: int = 1024
     mixed_precision: bool = False  # bf16 compute, fp32 master weights and gradient reductions
     activation_checkpointing: bool = False  # recompute each layer in backward (long sequences)
+    # Add a step's micro-batch gradients up unsharded, in fp32, and reduce them across ranks once per
+    # optimizer step instead of once per micro-batch: fewer collectives and copies, for one full fp32
+    # gradient per rank (4 bytes per parameter) during the step
+    unsharded_grad_accumulation: bool = False
     compile: bool = False  # torch.compile each decoder layer (fused elementwise work around the GEMMs; CUDA)
     warmup_steps: int = 1200
     warmup_batch_size: int = 64

@@ -1,9 +1,10 @@
 """trainer.compile on CUDA: decoder layers compiled whole (k15/trainer/policy.py), around the
-FlashAttention custom op, give the eager policy's log-probs and gradients, and micro-batches with new
+FlashAttention or cuDNN attention custom op, give the eager policy's log-probs and gradients, and micro-batches with new
 document lengths reuse the compiled graphs instead of compiling new ones."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import pytest
@@ -25,13 +26,13 @@ def one_rank():
     dist.destroy_process_group()
 
 
-def worker(compile_layers: bool):
+def worker(compile_layers: bool, attention: str):
     from k15.trainer.worker import TrainerWorker
 
     model = OmegaConf.structured(ModelConfig(hidden_size=256, num_layers=3, num_heads=8, num_kv_heads=2,
                                              intermediate_size=512, max_position=1024))
     trainer = OmegaConf.structured(TrainerConfig(micro_batch_tokens=1024, mixed_precision=True, compile=compile_layers,
-                                                 logprob_impl="fused"))
+                                                 logprob_impl="fused", attention=attention))
     return TrainerWorker(model, trainer, OmegaConf.structured(AlgoConfig), temperature=1.0, seed=0, device="cuda")
 
 
@@ -52,10 +53,12 @@ def logp_and_grads(w, micro):
     return logp.detach().float(), grads
 
 
-def test_compiled_layers_match_eager_and_do_not_recompile_for_new_lengths(one_rank):
+@pytest.mark.parametrize("attention", ["flash", pytest.param("cudnn", marks=pytest.mark.skipif(
+    importlib.util.find_spec("cudnn") is None, reason="needs cudnn-frontend (pip install nvidia-cudnn-frontend)"))])
+def test_compiled_layers_match_eager_and_do_not_recompile_for_new_lengths(one_rank, attention):
     from torch._dynamo.utils import counters
 
-    eager, compiled = worker(False), worker(True)
+    eager, compiled = worker(False, attention), worker(True, attention)
     for seed in range(4):  # four micro-batches of different document lengths
         for micro in micro_batches(eager, seed):
             want_logp, want = logp_and_grads(eager, micro)

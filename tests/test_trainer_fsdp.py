@@ -85,6 +85,20 @@ def job_gradients(rank, world, device, micro_batch_tokens, out_dir):
     return {"loss": metrics["loss"], "trained_tokens": metrics["trained_tokens"], "grads": captured}
 
 
+def job_gradients_unsharded(rank, world, device, micro_batch_tokens, out_dir):
+    """job_gradients with trainer.unsharded_grad_accumulation: reduced once, after the last micro-batch."""
+    from k15.trainer import worker as worker_module
+
+    make = worker_module.TrainerWorker.__init__
+
+    def init_unsharded(self, model_cfg, trainer_cfg, *args, **kwargs):
+        trainer_cfg.unsharded_grad_accumulation = True
+        make(self, model_cfg, trainer_cfg, *args, **kwargs)
+
+    worker_module.TrainerWorker.__init__ = init_unsharded
+    return job_gradients(rank, world, device, micro_batch_tokens, out_dir)
+
+
 def job_save(rank, world, device, micro_batch_tokens, out_dir):
     worker = make_worker(device, micro_batch_tokens)
     worker.train_iteration(batch_table())
@@ -112,7 +126,7 @@ def job_bad_token(rank, world, device, micro_batch_tokens, out_dir):
     return {"error": None, "version": worker.version}
 
 
-JOBS = {"gradients": job_gradients, "save": job_save, "load": job_load, "bad_token": job_bad_token}
+JOBS = {"gradients": job_gradients, "gradients_unsharded": job_gradients_unsharded, "save": job_save, "load": job_load, "bad_token": job_bad_token}
 
 
 def _rank_main(rank, world, port, device, job, micro_batch_tokens, out_dir, results):
@@ -188,6 +202,15 @@ def test_two_ranks_give_the_loss_and_gradients_of_one(device, tmp_path):
 def test_more_micro_batches_give_the_same_gradient(tmp_path):
     """Micro-batches of 64 tokens (several per minibatch) accumulate to the gradient of one 4096-token micro-batch."""
     many = run_ranks(1, "cpu", "gradients", tmp_path, micro_batch_tokens=64)
+    one = run_ranks(1, "cpu", "gradients", tmp_path, micro_batch_tokens=4096)
+    assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert_close_relative(many["grads"], one["grads"], rtol=1e-5)
+
+
+def test_unsharded_accumulation_gives_the_same_gradient(tmp_path):
+    """trainer.unsharded_grad_accumulation: 2 ranks of 64-token micro-batches, reduced once per step,
+    give the gradient of one rank with one 4096-token micro-batch."""
+    many = run_ranks(2, "cpu", "gradients_unsharded", tmp_path, micro_batch_tokens=64)
     one = run_ranks(1, "cpu", "gradients", tmp_path, micro_batch_tokens=4096)
     assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert_close_relative(many["grads"], one["grads"], rtol=1e-5)

@@ -1,6 +1,6 @@
 """The policy as the trainer runs it: packed micro-batches in, per-token log-probs out, sharded by
 FSDP2 with mixed precision and activation checkpointing. Attention stays inside each document of a
-packed row (k15/models/attention.py: FlashAttention varlen on CUDA).
+packed row (k15/models/attention.py: cuDNN's or FlashAttention's varlen kernel on CUDA).
 
 `PackedPolicy` wraps the Hugging Face causal LM so that the LM head's log-probs (k15.kernels: never
 the [tokens x vocab] logits on CUDA) run inside the FSDP root module's forward, where the root's
@@ -16,13 +16,13 @@ from k15.trainer.packing import IGNORE, PackedBatch
 
 
 class PackedPolicy(nn.Module):
-    def __init__(self, hf_model: nn.Module, logprob_impl: str = "torch"):
+    def __init__(self, hf_model: nn.Module, logprob_impl: str = "torch", attention: str = "auto"):
         from k15.models.attention import use_packed_attention
 
         super().__init__()
         if logprob_impl not in ("torch", "fused"):
             raise ValueError(f"trainer.logprob_impl must be 'torch' or 'fused', got {logprob_impl!r}")
-        use_packed_attention(hf_model)
+        self.attention = use_packed_attention(hf_model, attention)  # on CUDA: cudnn, flash or auto (both)
         self.hf = hf_model
         # "torch": the kernels' PyTorch reference (materialised fp32 logits); "fused": the Triton
         # kernels on CUDA, the same reference on CPU.
@@ -47,10 +47,16 @@ def shard(policy: PackedPolicy, mixed_precision: bool, activation_checkpointing:
     layer is gathered in bf16 and gradients are reduced in fp32. compile_layers compiles each
     decoder layer's forward in place (parameter names and FSDP's hooks unchanged): norms, rotary
     embedding, residual adds and the MLP's activation fuse around the matrix products and the
-    FlashAttention custom op. The layers share one compiled graph; the documents' bounds are
+    attention custom ops. The layers share one compiled graph; the documents' bounds are
     dynamic, so new document lengths do not recompile it (CPU: the per-document attention is a graph
     break)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # the mesh on the parameters' device: without one, FSDP takes the GPU whenever the host has one,
+    # and moves a CPU trainer's weights there
+    mesh = init_device_mesh(next(policy.parameters()).device.type, (dist.get_world_size(),))
 
     if activation_checkpointing:  # keep each layer's input only; recompute the rest in backward
         hf, kwargs = policy.hf, {"use_reentrant": False}
@@ -63,9 +69,9 @@ def shard(policy: PackedPolicy, mixed_precision: bool, activation_checkpointing:
     for layer in policy.hf.model.layers:
         if compile_layers:
             layer.forward = torch.compile(layer.forward)
-        fully_shard(layer, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
     # The root (embedding, tied LM head, final norm) is re-gathered for every forward too, as the
     # layers are: a root left gathered between steps gave a resumed run gradients that differed
     # from the uninterrupted run's in the last bit, which Adam then grew.
-    fully_shard(policy, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(policy, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     return policy

@@ -61,7 +61,7 @@ class TrainerWorker:
         self.tokenizer = load_policy_tokenizer(model_cfg)
         hf = load_policy(model_cfg, self.tokenizer, seed)
         self.vocab_size = hf.get_input_embeddings().num_embeddings
-        self.policy = shard(PackedPolicy(hf.to(self.device), trainer_cfg.logprob_impl),
+        self.policy = shard(PackedPolicy(hf.to(self.device), trainer_cfg.logprob_impl, trainer_cfg.attention),
                             trainer_cfg.mixed_precision, trainer_cfg.activation_checkpointing, trainer_cfg.compile)
         self.model = self.policy.hf  # the Hugging Face model: its parameter names are the engines'
         self.pad_id = self.tokenizer.pad_token_id
@@ -104,19 +104,22 @@ class TrainerWorker:
         opt.zero_grad(set_to_none=True)
         return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()
 
-    def _policy_step(self, micro: PackedBatch, old_logp: torch.Tensor, rewards: torch.Tensor):
-        """Forward, policy loss and backward of one micro-batch (gradients add up over calls);
-        returns the loss's LossStats. rewards: the whole minibatch's, indexed by seq_id."""
+    def _policy_step(self, micro: PackedBatch, old_logp: torch.Tensor, rewards: torch.Tensor, last: bool = True):
+        """Forward, policy loss and backward of one micro-batch (gradients add up over calls; `last`:
+        the optimizer step's last micro-batch); returns the loss's LossStats. rewards: the whole
+        minibatch's, indexed by seq_id."""
         logp = self._logprobs(micro)
         rows = micro.trained_rows  # made on the host: selecting by it needs no synchronisation
         loss, stats = self.loss_fn(logp[rows], old_logp[rows], micro.seq_ids[rows], rewards,
                                    self.algo.samples_per_prompt)
-        self._backward(loss, logp)
+        self._backward(loss, logp, last)
         return stats
 
-    def _backward(self, loss: torch.Tensor, logp: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor, logp: torch.Tensor, last: bool = True) -> None:
         """FSDP averages gradients over ranks; each rank's loss is its share of a sum, so scale back.
-        The 0 * logp term keeps an empty micro-batch's backward (and its collectives) running."""
+        The 0 * logp term keeps an empty micro-batch's backward (and its collectives) running.
+        With trainer.unsharded_grad_accumulation, gradients are reduced after the step's last one only."""
+        self.policy.set_requires_gradient_sync(last or not self.cfg.unsharded_grad_accumulation)
         (loss * self.world + 0.0 * logp.sum()).backward()
 
     def _optimizer(self, lr: float, weight_decay: float = 0.0):
@@ -222,10 +225,11 @@ class TrainerWorker:
             batch = [examples[self.rng.randrange(len(examples))] for _ in range(batch_size)]
             tokens = sum(len(r) for _, r in batch)  # the same on every rank: one shared rng
             total = 0.0  # a tensor after the first micro-batch: read once per step, not per micro-batch
-            for micro in self._micro_batches([response_sample(p, r, i) for i, (p, r) in enumerate(batch)]):
+            micros = self._micro_batches([response_sample(p, r, i) for i, (p, r) in enumerate(batch)])
+            for j, micro in enumerate(micros):
                 logp = self._logprobs(micro)
                 loss = -logp.sum() / tokens
-                self._backward(loss, logp)
+                self._backward(loss, logp, last=j == len(micros) - 1)
                 total = total + loss.detach()
             self._step(opt)
             sched.step()
@@ -302,8 +306,8 @@ class TrainerWorker:
         for _ in range(self.cfg.updates_per_iter):
             for (micros, mb_rewards), mb_old in zip(minibatches, old):
                 loss_sum = log_ratio_sum = 0.0
-                for micro, old_logp in zip(micros, mb_old):
-                    st = self._policy_step(micro, old_logp, mb_rewards)
+                for j, (micro, old_logp) in enumerate(zip(micros, mb_old)):
+                    st = self._policy_step(micro, old_logp, mb_rewards, last=j == len(micros) - 1)
                     loss_sum, log_ratio_sum = loss_sum + st.loss, log_ratio_sum + st.mean_log_ratio
                 norms.append(self._step(opt))
                 sums.append((loss_sum, log_ratio_sum))
