@@ -37,7 +37,7 @@ def batch_table(seed: int = 0, groups: int = 3, k: int = 4) -> pa.Table:
     return pa.table(rows)
 
 
-def make_worker(device: str, micro_batch_tokens: int):
+def make_worker(device: str, micro_batch_tokens: int, unsharded_grad_accumulation: bool = False):
     from k15.trainer.worker import TrainerWorker
 
     if device.startswith("cuda"):  # Qwen2-0.5B's shape, bf16 compute over fp32 master weights
@@ -46,6 +46,7 @@ def make_worker(device: str, micro_batch_tokens: int):
         model = OmegaConf.structured(ModelConfig)  # the small default
     trainer = OmegaConf.structured(TrainerConfig(micro_batch_tokens=micro_batch_tokens, minibatches_per_iter=1,
                                                  lr=1e-3, mixed_precision=device.startswith("cuda"),
+                                                 unsharded_grad_accumulation=unsharded_grad_accumulation,
                                                  logprob_impl="fused" if device.startswith("cuda") else "torch"))
     algo = OmegaConf.structured(AlgoConfig(samples_per_prompt=4))
     return TrainerWorker(model, trainer, algo, temperature=1.0, seed=0, device=device)
@@ -71,8 +72,16 @@ def full_tensors(named) -> dict[str, torch.Tensor]:
 
 
 def job_gradients(rank, world, device, micro_batch_tokens, out_dir):
+    return one_step_gradients(make_worker(device, micro_batch_tokens))
+
+
+def job_gradients_unsharded(rank, world, device, micro_batch_tokens, out_dir):
+    """With trainer.unsharded_grad_accumulation: reduced once, after the last micro-batch."""
+    return one_step_gradients(make_worker(device, micro_batch_tokens, unsharded_grad_accumulation=True))
+
+
+def one_step_gradients(worker):
     """One RL step on the shared batch; the loss and the gradient just before the optimizer step."""
-    worker = make_worker(device, micro_batch_tokens)
     captured = {}
     step = worker._step
 
@@ -83,20 +92,6 @@ def job_gradients(rank, world, device, micro_batch_tokens, out_dir):
     worker._step = capture_then_step
     metrics = worker.train_iteration(batch_table())
     return {"loss": metrics["loss"], "trained_tokens": metrics["trained_tokens"], "grads": captured}
-
-
-def job_gradients_unsharded(rank, world, device, micro_batch_tokens, out_dir):
-    """job_gradients with trainer.unsharded_grad_accumulation: reduced once, after the last micro-batch."""
-    from k15.trainer import worker as worker_module
-
-    make = worker_module.TrainerWorker.__init__
-
-    def init_unsharded(self, model_cfg, trainer_cfg, *args, **kwargs):
-        trainer_cfg.unsharded_grad_accumulation = True
-        make(self, model_cfg, trainer_cfg, *args, **kwargs)
-
-    worker_module.TrainerWorker.__init__ = init_unsharded
-    return job_gradients(rank, world, device, micro_batch_tokens, out_dir)
 
 
 def job_save(rank, world, device, micro_batch_tokens, out_dir):
@@ -126,7 +121,8 @@ def job_bad_token(rank, world, device, micro_batch_tokens, out_dir):
     return {"error": None, "version": worker.version}
 
 
-JOBS = {"gradients": job_gradients, "gradients_unsharded": job_gradients_unsharded, "save": job_save, "load": job_load, "bad_token": job_bad_token}
+JOBS = {"gradients": job_gradients, "gradients_unsharded": job_gradients_unsharded, "save": job_save,
+        "load": job_load, "bad_token": job_bad_token}
 
 
 def _rank_main(rank, world, port, device, job, micro_batch_tokens, out_dir, results):
