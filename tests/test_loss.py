@@ -1,9 +1,29 @@
-"""The mirror-descent loss: a hand-computed example and the gradient of the paper's eq. 3."""
+"""The mirror-descent loss: a hand-computed example and the gradient of the paper's eq. 3; the
+policy losses' statistics, which stay on the device until read."""
 
 import pytest
 import torch
 
+from k15.algo.grpo import grpo_loss
 from k15.algo.loss import mirror_descent_loss
+from k15.algo.reinforce import reinforce_loss
+
+LOSSES = {
+    "mirror_descent": lambda *a: mirror_descent_loss(*a, tau=0.3),
+    "grpo": grpo_loss,
+    "reinforce": reinforce_loss,
+}
+
+
+def random_packed_batch(device="cpu", seed=0, k=4, groups=3):
+    g = torch.Generator().manual_seed(seed)
+    S = k * groups
+    seq = torch.repeat_interleave(torch.arange(S), torch.randint(1, 6, (S,), generator=g))
+    seq[torch.rand(seq.shape, generator=g) < 0.2] = -1  # some tokens left out
+    logp = -torch.rand(seq.shape, generator=g) * 3
+    old = logp + 0.1 * torch.randn(seq.shape, generator=g)
+    rewards = (torch.rand(S, generator=g) > 0.5).float()
+    return [t.to(device) for t in (logp, old, seq, rewards)] + [k]
 
 
 def test_hand_computed_example():
@@ -59,3 +79,36 @@ def test_bad_arguments_are_named():
         mirror_descent_loss(torch.zeros(2), torch.zeros(2), torch.tensor([0, 1]), torch.zeros(2), 3, 0.1)
     with pytest.raises(ValueError, match="tau"):
         mirror_descent_loss(torch.zeros(2), torch.zeros(2), torch.tensor([0, 1]), torch.zeros(2), 2, 0.0)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_statistics_follow_their_definitions(name):
+    logp, old, seq, rewards, k = random_packed_batch()
+    loss, stats = LOSSES[name](logp, old, seq, rewards, k)
+    keep = seq >= 0
+    delta = torch.zeros(rewards.numel()).index_add(0, seq[keep], (logp - old)[keep])
+    rbar = rewards.view(-1, k).mean(1).repeat_interleave(k)
+    assert stats.num_tokens == int(keep.sum()) and stats.num_sequences == rewards.numel()
+    assert stats.loss == pytest.approx(loss.item(), rel=1e-6)
+    assert stats.mean_reward == pytest.approx(rewards.mean().item())
+    assert stats.mean_log_ratio == pytest.approx(delta.mean().item(), rel=1e-5)
+    if name != "grpo":  # GRPO's advantage is normalised by the group's spread
+        assert stats.mean_advantage_abs == pytest.approx((rewards - rbar).abs().mean().item())
+    assert stats.values.shape == (5,) and not stats.values.requires_grad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_losses_never_make_the_host_wait_for_the_gpu(name):
+    """The trainer calls the loss between forward and backward: a synchronisation there leaves the
+    GPU idle while the host queues the backward."""
+    logp, old, seq, rewards, k = random_packed_batch("cuda")
+    logp.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, stats = LOSSES[name](logp, old, seq, rewards, k)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats.num_tokens == int((seq >= 0).sum())  # read afterwards, once

@@ -76,6 +76,23 @@ def test_missing_bounds_is_a_clear_error():
         model.model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
 
 
+def test_no_mask_is_built_for_a_packed_row(monkeypatch):
+    """transformers neither builds a mask nor scans the position ids for documents: that scan made
+    the host wait for the GPU at every forward."""
+    import transformers.masking_utils as masking
+
+    def scan(*args, **kwargs):
+        raise AssertionError("transformers scanned the position ids for packed documents")
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", scan)
+    model = small_model("cpu", torch.float32)
+    use_packed_attention(model)
+    bounds, longest = document_bounds([2, 3])
+    h = model.model(input_ids=torch.tensor([[5, 6, 7, 8, 9]]), position_ids=torch.tensor([[0, 1, 0, 1, 2]]),
+                    use_cache=False, cu_seqlens=bounds, max_seqlen=longest).last_hidden_state
+    assert h.shape == (1, 5, 128) and h.isfinite().all()
+
+
 def test_attention_backend_names():
     with pytest.raises(ValueError, match="trainer.attention must be one of auto, cudnn, flash, got 'fa3'"):
         resolve_backend("fa3")

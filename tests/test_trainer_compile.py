@@ -71,3 +71,29 @@ def test_compiled_layers_match_eager_and_do_not_recompile_for_new_lengths(one_ra
             graphs = counters["stats"]["unique_graphs"]
     # the first two layouts may compile (the second marks the bounds dynamic); later ones must not
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("attention", ["flash", pytest.param("cudnn", marks=pytest.mark.skipif(
+    importlib.util.find_spec("cudnn") is None, reason="needs cudnn-frontend (pip install nvidia-cudnn-frontend)"))])
+def test_rl_micro_batch_never_makes_the_host_wait_for_the_gpu(one_rank, attention):
+    """Forward, mirror-descent loss, backward and the optimizer step as train_iteration runs them:
+    the host must stay ahead of the GPU. One synchronisation per micro-batch leaves the GPU idle
+    while the host queues what follows (it cost the step up to 10% once the attention got faster)."""
+    w = worker(True, attention)
+    micros = micro_batches(w, 0)
+    rewards = torch.randint(0, 2, (16,), device="cuda").float()
+    with torch.no_grad():
+        old = [w._logprobs(m) for m in micros]
+    opt = w._optimizer(1e-5)
+    for _ in range(2):  # compilation, cuDNN's plans and the optimizer's state are made once, before
+        for j, (m, o) in enumerate(zip(micros, old)):
+            w._policy_step(m, o, rewards, last=j == len(micros) - 1)
+        w._step(opt)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = [w._policy_step(m, o, rewards, last=j == len(micros) - 1) for j, (m, o) in enumerate(zip(micros, old))]
+        norm = w._step(opt)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sum(s.num_tokens for s in stats) == sum(m.num_trained for m in micros) and norm.isfinite()

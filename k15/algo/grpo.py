@@ -28,20 +28,15 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, seq_ids: torch.Tensor,
     check_packed(logp, old_logp, seq_ids)
     num_sequences = rewards.numel()
     advantage = group_normalized_advantages(rewards, group_size)
-    keep = seq_ids >= 0
-    seq, log_ratio = seq_ids[keep], (logp.float() - old_logp.float())[keep]
+    keep = seq_ids >= 0  # masked, not selected: selecting by a mask makes the host wait for the GPU
+    log_ratio = torch.where(keep, logp.float() - old_logp.float(), 0.0)
     ratio = log_ratio.exp()
-    adv = advantage[seq]
+    adv = advantage[seq_ids.clamp(min=0)]
     per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    tokens_per_seq = sequence_sums(torch.ones_like(ratio), seq, num_sequences)
-    per_seq = sequence_sums(per_token, seq, num_sequences) / tokens_per_seq.clamp(min=1)
+    tokens_per_seq = sequence_sums(torch.ones_like(ratio), seq_ids, num_sequences)
+    per_seq = sequence_sums(per_token, seq_ids, num_sequences) / tokens_per_seq.clamp(min=1)
     loss = per_seq.sum() / num_sequences
-    stats = LossStats(
-        loss=loss.item(),
-        mean_reward=rewards.float().mean().item(),
-        mean_advantage_abs=advantage.abs().mean().item(),
-        mean_log_ratio=sequence_sums(log_ratio.detach(), seq, num_sequences).mean().item(),
-        num_sequences=num_sequences,
-        num_tokens=int(keep.sum().item()),
-    )
+    stats = LossStats(num_sequences, loss=loss, mean_reward=rewards.float().mean(),
+                      mean_advantage_abs=advantage.abs().mean(),
+                      mean_log_ratio=sequence_sums(log_ratio.detach(), seq_ids, num_sequences).mean(), num_tokens=keep.sum())
     return loss, stats

@@ -14,19 +14,37 @@ sequence each token belongs to. The fused Triton version in k15.kernels takes th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 
-@dataclass
 class LossStats:
-    loss: float
-    mean_reward: float
-    mean_advantage_abs: float  # mean |r - rbar|
-    mean_log_ratio: float  # mean Delta_j: 0 at the first step of an iteration
-    num_sequences: int
-    num_tokens: int
+    """Detached statistics of one loss call. They stay on the loss's device until one is read, and
+    reading one fetches them all at once: a trainer that keeps `values` (and sums them over
+    micro-batches on the device) never makes the host wait for the GPU between forward and backward."""
+
+    FIELDS = ("loss", "mean_reward", "mean_advantage_abs", "mean_log_ratio", "num_tokens")
+
+    def __init__(self, num_sequences: int, **values: torch.Tensor):
+        self.num_sequences = num_sequences
+        # float64: num_tokens stays exact
+        self.values = torch.stack([values[f].detach().to(torch.float64).reshape(()) for f in self.FIELDS])
+        self._host: dict | None = None
+
+    def host(self) -> dict:
+        """The statistics as Python numbers (the first call waits for the GPU, once)."""
+        if self._host is None:
+            self._host = dict(zip(self.FIELDS, self.values.tolist()))
+            self._host["num_tokens"] = int(self._host["num_tokens"])
+        return self._host
+
+    loss = property(lambda self: self.host()["loss"])
+    mean_reward = property(lambda self: self.host()["mean_reward"])
+    mean_advantage_abs = property(lambda self: self.host()["mean_advantage_abs"])  # mean |r - rbar|
+    mean_log_ratio = property(lambda self: self.host()["mean_log_ratio"])  # mean Delta_j: 0 at an iteration's first step
+    num_tokens = property(lambda self: self.host()["num_tokens"])
+
+    def __repr__(self) -> str:
+        return f"LossStats({self.host()}, num_sequences={self.num_sequences})"
 
 
 def check_packed(logp: torch.Tensor, old_logp: torch.Tensor, seq_ids: torch.Tensor) -> None:
@@ -42,7 +60,8 @@ def sequence_sums(values: torch.Tensor, seq_ids: torch.Tensor, num_sequences: in
     """Sum per-token `values` [N] into per-sequence totals [S] in fp32; tokens with seq_id -1 are skipped."""
     keep = seq_ids >= 0
     out = torch.zeros(num_sequences, dtype=torch.float32, device=values.device)
-    return out.index_add(0, seq_ids[keep], values[keep].float())
+    # masked, not selected: selecting by a boolean mask makes the host wait for the GPU
+    return out.index_add(0, seq_ids.clamp(min=0), torch.where(keep, values.float(), 0.0))
 
 
 def group_baseline(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -84,12 +103,6 @@ def mirror_descent_loss(
     present = sequence_sums(torch.ones_like(logp), seq_ids, num_sequences) > 0
     num_groups = num_sequences // group_size
     loss = (residual.pow(2) * present).sum() / (group_size * num_groups * 2.0 * tau)
-    stats = LossStats(
-        loss=loss.item(),
-        mean_reward=rewards.mean().item(),
-        mean_advantage_abs=advantage.abs().mean().item(),
-        mean_log_ratio=log_ratio.detach().mean().item(),
-        num_sequences=num_sequences,
-        num_tokens=int((seq_ids >= 0).sum().item()),
-    )
+    stats = LossStats(num_sequences, loss=loss, mean_reward=rewards.mean(), mean_advantage_abs=advantage.abs().mean(),
+                      mean_log_ratio=log_ratio.mean(), num_tokens=(seq_ids >= 0).sum())
     return loss, stats

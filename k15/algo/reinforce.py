@@ -21,12 +21,7 @@ def reinforce_loss(logp: torch.Tensor, old_logp: torch.Tensor, seq_ids: torch.Te
     advantage = rewards - group_baseline(rewards, group_size)
     seq_logp = sequence_sums(logp, seq_ids, num_sequences)
     loss = -(advantage * seq_logp).sum() / num_sequences
-    stats = LossStats(
-        loss=loss.item(),
-        mean_reward=rewards.mean().item(),
-        mean_advantage_abs=advantage.abs().mean().item(),
-        mean_log_ratio=sequence_sums((logp - old_logp).detach(), seq_ids, num_sequences).mean().item(),
-        num_sequences=num_sequences,
-        num_tokens=int((seq_ids >= 0).sum().item()),
-    )
+    stats = LossStats(num_sequences, loss=loss, mean_reward=rewards.mean(), mean_advantage_abs=advantage.abs().mean(),
+                      mean_log_ratio=sequence_sums((logp - old_logp).detach(), seq_ids, num_sequences).mean(),
+                      num_tokens=(seq_ids >= 0).sum())
     return loss, stats

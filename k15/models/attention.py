@@ -178,19 +178,16 @@ def cudnn_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Te
     return _cudnn_varlen_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen, scale)[0]
 
 
-def _no_mask(*args, **kwargs):
-    return None  # the documents' bounds travel as cu_seqlens, not as a mask
-
-
 def use_packed_attention(model, backend: str = "auto") -> str:
     """Switch `model` to packed attention on `backend`'s CUDA kernels; returns resolve_backend's answer."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     kernel = resolve_backend(backend)
     # transformers takes any implementation named "...flash..." for its own FlashAttention path
     name = NAME if kernel == "flash" else f"{NAME}_{kernel}"
     AttentionInterface.register(name, functools.partial(packed_attention, backend=kernel))
-    AttentionMaskInterface.register(name, _no_mask)
+    # No mask function is registered: transformers then builds no mask at all. With one (even one
+    # returning None) it scans the position ids for packed documents and makes the host wait for
+    # the GPU at every forward; the documents' bounds travel as cu_seqlens instead.
     model.set_attn_implementation(name)
     return kernel

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from k15.algo.dpo import dpo_loss
 from k15.algo.grpo import grpo_loss
-from k15.algo.loss import mirror_descent_loss, sequence_sums
+from k15.algo.loss import LossStats, mirror_descent_loss, sequence_sums
 from k15.algo.reinforce import reinforce_loss
 from k15.trainer.packing import PackedBatch, Sample, pack, split_for_ranks
 from k15.trainer.policy import PackedPolicy, shard
@@ -302,18 +302,17 @@ class TrainerWorker:
             old = [[self._logprobs(m) for m in micros] for micros, _ in minibatches]
         self.policy.train()
         opt = self._optimizer(self.cfg.lr, self.cfg.weight_decay)  # optimizer state reset every iteration
-        sums, norms = [], []  # per optimizer step; summed over ranks once, after the last step
+        sums, norms = [], []  # per optimizer step, on the device; read and summed over ranks once, at the end
         for _ in range(self.cfg.updates_per_iter):
             for (micros, mb_rewards), mb_old in zip(minibatches, old):
-                loss_sum = log_ratio_sum = 0.0
-                for j, (micro, old_logp) in enumerate(zip(micros, mb_old)):
-                    st = self._policy_step(micro, old_logp, mb_rewards, last=j == len(micros) - 1)
-                    loss_sum, log_ratio_sum = loss_sum + st.loss, log_ratio_sum + st.mean_log_ratio
+                stats = [self._policy_step(micro, old_logp, mb_rewards, last=j == len(micros) - 1).values
+                         for j, (micro, old_logp) in enumerate(zip(micros, mb_old))]
                 norms.append(self._step(opt))
-                sums.append((loss_sum, log_ratio_sum))
+                sums.append(torch.stack(stats).sum(0))
         self.version += 1
         trained = sum(m.num_trained for micros, _ in minibatches for m in micros)
-        totals = self._all_sum([x for pair in sums for x in pair] + [trained])
+        steps = [dict(zip(LossStats.FIELDS, s)) for s in torch.stack(sums).tolist()]
+        totals = self._all_sum([x for s in steps for x in (s["loss"], s["mean_log_ratio"])] + [trained])
         versions = [v for vs in rows["versions"] for v in vs if v >= 0]  # policy tokens only
         return {
             "loss": float(np.mean(totals[:-1:2])),
