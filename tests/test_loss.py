@@ -15,17 +15,6 @@ LOSSES = {
 }
 
 
-def random_packed_batch(device="cpu", seed=0, k=4, groups=3):
-    g = torch.Generator().manual_seed(seed)
-    S = k * groups
-    seq = torch.repeat_interleave(torch.arange(S), torch.randint(1, 6, (S,), generator=g))
-    seq[torch.rand(seq.shape, generator=g) < 0.2] = -1  # some tokens left out
-    logp = -torch.rand(seq.shape, generator=g) * 3
-    old = logp + 0.1 * torch.randn(seq.shape, generator=g)
-    rewards = (torch.rand(S, generator=g) > 0.5).float()
-    return [t.to(device) for t in (logp, old, seq, rewards)] + [k]
-
-
 def test_hand_computed_example():
     # One prompt, k=2; sequence 0 has tokens 0-1, sequence 1 token 2; token 3 is left out (-1).
     logp = torch.tensor([-1.0, -2.0, -0.5, -9.0])
@@ -82,8 +71,8 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_statistics_follow_their_definitions(name):
-    logp, old, seq, rewards, k = random_packed_batch()
+def test_statistics_follow_their_definitions(name, packed_batch):
+    logp, old, seq, rewards, k = packed_batch(0)
     loss, stats = LOSSES[name](logp, old, seq, rewards, k)
     keep = seq >= 0
     delta = torch.zeros(rewards.numel()).index_add(0, seq[keep], (logp - old)[keep])
@@ -99,10 +88,10 @@ def test_statistics_follow_their_definitions(name):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_losses_never_make_the_host_wait_for_the_gpu(name):
+def test_losses_never_make_the_host_wait_for_the_gpu(name, packed_batch):
     """The trainer calls the loss between forward and backward: a synchronisation there leaves the
     GPU idle while the host queues the backward."""
-    logp, old, seq, rewards, k = random_packed_batch("cuda")
+    logp, old, seq, rewards, k = packed_batch(0, device="cuda")
     logp.requires_grad_()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

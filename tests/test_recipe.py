@@ -112,19 +112,7 @@ def test_prioritized_moving_average_and_checkpoint_round_trip():
 
 
 # -- comparison losses --------------------------------------------------------------------------
-def packed_batch(seed, k=4, groups=3):
-    g = torch.Generator().manual_seed(seed)
-    S = k * groups
-    lengths = torch.randint(1, 6, (S,), generator=g)
-    seq = torch.repeat_interleave(torch.arange(S), lengths)
-    seq[torch.rand(seq.shape, generator=g) < 0.2] = -1
-    logp = -torch.rand(seq.shape, generator=g) * 3
-    old = logp + 0.3 * torch.randn(seq.shape, generator=g)
-    rewards = (torch.rand(S, generator=g) > 0.5).float()
-    return logp, old, seq, rewards, k
-
-
-def test_grpo_matches_a_per_sequence_loop():
+def test_grpo_matches_a_per_sequence_loop(packed_batch):
     logp, old, seq, rewards, k = packed_batch(0)
     x = logp.clone().requires_grad_()
     loss, _ = grpo_loss(x, old, seq, rewards, k, clip_eps=0.2)
@@ -149,7 +137,7 @@ def test_grpo_matches_a_per_sequence_loop():
     assert (grad[seq < 0] == 0).all()
 
 
-def test_reinforce_gradient_equals_mirror_descent_at_the_first_step():
+def test_reinforce_gradient_equals_mirror_descent_at_the_first_step(packed_batch):
     logp, _, seq, rewards, k = packed_batch(1)
     a = logp.clone().requires_grad_()
     b = logp.clone().requires_grad_()
